@@ -1,0 +1,21 @@
+"""ptkernels: fast prefix-tuning, P-Tuning v2 and Global-Prompt-Cell prompt tuning kernels."""
+from __future__ import annotations
+
+import torch
+
+__version__ = "0.1.0"
+
+try:  # the compiled extension registers torch.ops.ptk.* (CUDA kernels when built with them)
+    from ptkernels import _C  # noqa: F401
+    HAS_EXTENSION = True
+except ImportError:
+    HAS_EXTENSION = False
+
+HAS_CUDA_KERNELS = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "ptk::prefix_attention_fwd", "CUDA")
+
+from ptkernels.backends import BackendUnavailableError  # noqa: E402
+from ptkernels.ops import gpc_cell, prefix_attention  # noqa: E402
+
+__all__ = ["prefix_attention", "gpc_cell", "BackendUnavailableError", "HAS_EXTENSION",
+           "HAS_CUDA_KERNELS", "__version__"]

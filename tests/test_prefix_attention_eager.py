@@ -1,0 +1,49 @@
+"""The eager fast path of prefix_attention against the float64 reference (DESIGN.md's rule)."""
+import pytest
+import torch
+
+from attention_cases import CORE_CASES, Case, check_against_reference
+from ptkernels.backends.eager import dropout_keep_mask
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CORE_CASES, ids=Case.id)
+def test_matches_reference(case, dtype):
+    check_against_reference(case, dtype, backend="eager")
+
+
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+def test_head_dims(d):
+    check_against_reference(Case(nq=33, nk=45, p=7, d=d, causal=True, padding="left"), torch.float32)
+
+
+@pytest.mark.parametrize("case", [Case(causal=True, padding="left"), Case(form="bank", p=3),
+                                  Case(p=0, form="none", causal=True)], ids=Case.id)
+def test_lse_gradient(case):
+    """A loss that uses the returned logsumexp differentiates through it too."""
+    check_against_reference(case, torch.float32, use_lse_grad=True)
+
+
+@pytest.mark.parametrize("case", [Case(dropout_p=0.2), Case(dropout_p=0.3, causal=True, padding="left",
+                                                               form="bank", hq=4, hkv=1),
+                                  Case(dropout_p=0.1, softcap=4.0, nq=9, nk=17, causal=True)], ids=Case.id)
+def test_dropout_same_mask(case):
+    """With the eager backend's own mask, dropout output and gradients equal the reference's."""
+    check_against_reference(case, torch.float32, dropout_mask_fn=lambda s, shape, p: dropout_keep_mask(s, shape, p, "cpu"))
+
+
+def test_non_contiguous_inputs():
+    """Any strides: (B, N, H, D) layouts transposed to (B, H, N, D), and a sliced prefix."""
+    from ptkernels import prefix_attention
+    from ptkernels.backends.eager import reference_prefix_attention
+    torch.manual_seed(0)
+    q = torch.randn(2, 11, 4, 32).transpose(1, 2)
+    k = torch.randn(2, 13, 2, 32).transpose(1, 2)
+    v = torch.randn(2, 13, 2, 32).transpose(1, 2)
+    pk = torch.randn(2, 10, 32)[:, ::2]
+    pv = torch.randn(2, 5, 64)[..., ::2]
+    out = prefix_attention(q, k, v, pk, pv, causal=True)
+    ref, _ = reference_prefix_attention(q.double(), k.double(), v.double(), pk.double(), pv.double(), causal=True)
+    assert (out.double() - ref).abs().max() < 1e-5
