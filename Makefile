@@ -1,0 +1,123 @@
+# ptkernels developer commands. On a fresh Linux machine with Python 3.11:
+#   make demo    create .venv, install torch + deps, build ptkernels (editable), run a small example
+#   make test    the same setup, then the test suite (CPU; GPU tests are skipped without CUDA)
+# Other targets: gpu-check (GPU tests + benchmarks into benchmarks/results/), wheel, bench, clean, distclean.
+#
+# Knobs: PYTHON (interpreter that creates .venv, default python3.11), TORCH_SPEC (default torch==2.14.1,
+# the CUDA build from the package index), VENV, PYTEST_ARGS, and the build switches of setup.py
+# (PTKERNELS_BUILD_CUDA, TORCH_CUDA_ARCH_LIST, MAX_JOBS, ...), which pass through the environment.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON     ?= python3.11
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+DEV_DEPS   := numpy transformers peft safetensors pytest pytest-xdist hypothesis ninja
+PYTEST_ARGS ?=
+
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip --disable-pip-version-check
+STAMPS    := $(VENV)/.ptkernels
+RESULTS   := benchmarks/results
+# Anything that changes what setup.py builds; a newer file than the stamp triggers a rebuild.
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh csrc/kernels/*.cuh csrc/kernels/*.h)
+
+.PHONY: help test demo gpu-check bench wheel clean distclean install FORCE
+
+help:
+	@echo "make demo       set up .venv and run a small example (first run installs torch: a few minutes)"
+	@echo "make test       set up .venv and run the test suite (pytest -n 2)"
+	@echo "make gpu-check  on a CUDA machine: GPU tests + benchmarks, report in $(RESULTS)/"
+	@echo "make bench      run benchmarks/bench_*.py"
+	@echo "make wheel      build a CUDA/native wheel and a pure-Python wheel into dist/"
+	@echo "make clean      remove build outputs (keeps .venv); make distclean also removes .venv"
+
+# ---- environment -------------------------------------------------------------------------------
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Rewritten only when the requested package set changes, so a new TORCH_SPEC reinstalls.
+$(STAMPS)/requirements: FORCE | $(PY)
+	@mkdir -p $(STAMPS)
+	@echo "$(TORCH_SPEC) $(DEV_DEPS)" | cmp -s - $@ || echo "$(TORCH_SPEC) $(DEV_DEPS)" > $@
+
+$(STAMPS)/deps: $(STAMPS)/requirements
+	@start=$$SECONDS; \
+	$(PIP) install -q --upgrade pip "setuptools>=64" wheel; \
+	$(PIP) install -q "$(TORCH_SPEC)" $(DEV_DEPS); \
+	echo "dependencies installed in $$((SECONDS - start)) s"
+	@touch $@
+
+# Editable install: the extension is compiled once and copied to ptkernels/_C*.so, Python edits need
+# no reinstall. --no-build-isolation builds against the torch in .venv (see setup.py).
+$(STAMPS)/build: $(STAMPS)/deps $(BUILD_INPUTS)
+	@start=$$SECONDS; \
+	if ! $(PIP) install -v --no-build-isolation -e . > $(STAMPS)/build.log 2>&1; then \
+		tail -n 80 $(STAMPS)/build.log; echo "build failed; full log: $(STAMPS)/build.log"; exit 1; \
+	fi; \
+	grep -m1 -o 'ptkernels: torch .*' $(STAMPS)/build.log || true; \
+	echo "ptkernels built and installed in $$((SECONDS - start)) s (log: $(STAMPS)/build.log)"
+	@touch $@
+
+install: $(STAMPS)/build
+
+# ---- everyday targets --------------------------------------------------------------------------
+test: $(STAMPS)/build
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) tests
+
+demo: $(STAMPS)/build
+	$(PY) -m ptkernels info
+	@echo
+	$(PY) -m ptkernels demo
+
+# GPU tests and benchmarks in one command on a CUDA machine; the report lands in benchmarks/results/.
+gpu-check: $(STAMPS)/build
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a visible CUDA GPU (torch.cuda.is_available() is False)')"
+	@mkdir -p $(RESULTS)
+	@gpu=$$($(PY) -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))"); \
+	report=$(RESULTS)/gpu-check-$$gpu.md; status=0; \
+	{ echo "# make gpu-check on $$gpu"; echo; echo "ptkernels commit: $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; echo; \
+	  echo '```'; $(PY) -m ptkernels info; echo '```'; echo; } > $$report; \
+	{ echo "## pytest -m gpu"; echo; echo '```'; } >> $$report; \
+	rc=0; $(PY) -m pytest -m gpu -rA -p no:cacheprovider $(PYTEST_ARGS) tests 2>&1 | tee -a $$report || rc=$$?; \
+	if [ $$rc = 5 ]; then echo "(no tests are marked gpu yet)" | tee -a $$report; elif [ $$rc != 0 ]; then status=1; fi; \
+	echo '```' >> $$report; \
+	for bench in $(sort $(wildcard benchmarks/bench_*.py)); do \
+		{ echo; echo "## $$bench --gpu"; echo; echo '```'; } >> $$report; \
+		$(PY) $$bench --gpu 2>&1 | tee -a $$report || status=1; \
+		echo '```' >> $$report; \
+	done; \
+	echo "report: $$report"; exit $$status
+
+bench: $(STAMPS)/build
+	@mkdir -p $(RESULTS)
+	@benches="$(sort $(wildcard benchmarks/bench_*.py))"; \
+	if [ -z "$$benches" ]; then echo "no benchmarks/bench_*.py yet"; exit 0; fi; \
+	for bench in $$benches; do echo "== $$bench"; $(PY) $$bench; done
+
+# A native wheel tagged with the CUDA and torch it was built against (0.1.0+cu130torch2.14; with a CPU
+# torch: +cputorch2.14, CPU ops only) and a pure-Python wheel (no ptkernels._C: eager + Triton).
+# The native wheel only works with that torch version: extensions are tied to torch's ABI.
+wheel: $(STAMPS)/deps
+	@mkdir -p dist
+	@read -r tag cuda < <($(PY) -c "import torch; c = torch.version.cuda; v = '.'.join(torch.__version__.split('+')[0].split('.')[:2]); print(('cu' + c.replace('.', '') if c else 'cpu') + 'torch' + v, 1 if c else 0)"); \
+	rm -rf build; \
+	echo "native wheel: PTKERNELS_LOCAL_VERSION=$$tag PTKERNELS_BUILD_CUDA=$$cuda"; \
+	PTKERNELS_LOCAL_VERSION=$$tag PTKERNELS_BUILD_CUDA=$$cuda $(PIP) wheel -q --no-build-isolation --no-deps -w dist .; \
+	rm -rf build; \
+	echo "pure wheel: PTKERNELS_PURE=1"; \
+	PTKERNELS_PURE=1 PTKERNELS_LOCAL_VERSION= $(PIP) wheel -q --no-build-isolation --no-deps -w dist .; \
+	rm -rf build; \
+	ls -l dist
+
+clean:
+	rm -rf build dist wheelhouse *.egg-info .pytest_cache .hypothesis
+	rm -f ptkernels/_C*.so $(STAMPS)/build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
+
+FORCE:
