@@ -169,6 +169,8 @@ def reference_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_
     scale, soft-capping, + attn_bias, masking, softmax, dropout, @ V. Rows that see no key give
     output 0 and lse -inf. Cast the inputs to float64 for the exact reference.
     """
+    # Deliberately independent of the fast path's helpers (no shared masking code), so that a
+    # bug there cannot hide by appearing on both sides of a comparison.
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -176,26 +178,33 @@ def reference_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_
     keys, values = k, v
     p_len = 0
     if prefix_k is not None and prefix_k.shape[-2] > 0:
-        pk = prefix_k if prefix_k.dim() == 4 else prefix_k.unsqueeze(0)
-        pv = prefix_v if prefix_v.dim() == 4 else prefix_v.unsqueeze(0)
-        pk, pv = prefix_rows(pk, prefix_index, b), prefix_rows(pv, prefix_index, b)
+        pk, pv = prefix_k, prefix_v
+        if pk.dim() == 3:                      # shared: one copy per row
+            pk, pv = pk.expand(b, *pk.shape), pv.expand(b, *pv.shape)
+        elif prefix_index is not None:         # bank: row b takes prefix_index[b]
+            pk, pv = pk[prefix_index], pv[prefix_index]
         p_len = pk.shape[2]
         keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
     keys = keys.repeat_interleave(g, 1)
     values = values.repeat_interleave(g, 1)
     s = torch.matmul(q, keys.transpose(-1, -2)) * scale
     if softcap:
-        s = softcapped(s, softcap)
+        s = softcap * torch.tanh(s / softcap)
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype)
-    mask = None
+    rows = torch.arange(nq, device=q.device).view(nq, 1) + (nk - nq)   # bottom-right alignment
+    cols = torch.arange(nk, device=q.device).view(1, nk)
+    seq_visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if causal:
+        seq_visible &= cols <= rows
+    if window:
+        seq_visible &= rows - cols < window
+    visible = torch.ones(b, 1, nq, p_len + nk, dtype=torch.bool, device=q.device)
+    visible[..., p_len:] &= seq_visible
     if attention_mask is not None:
-        mask = attention_mask.to(device=q.device) != 0
-    vis = visible_sequence_keys(b, nq, nk, causal, window or 0, mask, q.device)
-    if vis is not None:
-        vis = torch.cat([torch.ones(*vis.shape[:-1], p_len, dtype=torch.bool, device=q.device),
-                         vis], -1) if p_len else vis
-        s = s.masked_fill(~vis, -math.inf)
+        pad = (attention_mask.to(device=q.device) != 0).view(b, 1, 1, nk)
+        visible[..., p_len:] &= pad
+    s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, -1)
     lse_for_p = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - lse_for_p.unsqueeze(-1))
