@@ -1,0 +1,160 @@
+// prefix_attention forward: FlashAttention-2 style online softmax over the prefix segment and the
+// sequence segment of keys, one block per (16-query tile, batch row, query head).
+//
+// Thread layout (128 threads): 8 threads per query row ("row group", consecutive lanes of one
+// warp); a row group splits a key tile's scores 8 ways and the output columns 8 ways
+// (column c = lane8 + 8 * j), so the row max / row sum are 3 xor-shuffles inside the group.
+// Accumulation in float32 registers; K/V tiles staged in shared memory as float32.
+// Block skipping: with causal / window only the sequence keys some query of the tile can see are
+// loaded (sequence_key_range); prefix keys are always visible.
+#pragma once
+
+#include "prefix_attention_tile.cuh"
+
+namespace ptk {
+namespace fwd {
+
+constexpr int kBM = 16;       // queries per block
+constexpr int kTPR = 8;       // threads per query row
+constexpr int kThreads = kBM * kTPR;
+
+template <int DMAX>
+struct Tiles {
+  static constexpr int BN = DMAX >= 256 ? 16 : (DMAX >= 128 ? 32 : 64);  // keys per tile
+  static constexpr int LDK = DMAX + 1;  // padded: lanes of a row group read different key rows
+  static constexpr size_t smem_floats = kBM * DMAX + BN * LDK + BN * DMAX + kBM * BN;
+  static constexpr size_t smem_bytes = smem_floats * sizeof(float);
+};
+
+// Online-softmax state of one query row, held by the 8 threads of its row group.
+template <int CPT>
+struct RowState {
+  float m = kNegInf;  // running max of the scores
+  float l = 0.f;      // running sum of exp(score - m)
+  float acc[CPT];     // running sum of p * V over this thread's columns
+};
+
+template <typename T, int DMAX>
+__device__ __forceinline__ void process_key_tile(const AttnParams& p, const KeySegment<T>& seg, int kt, int b, int h,
+                                                 int i, bool row_ok, const float* sQrow, float* sK, float* sV,
+                                                 float* sProw, RowState<DMAX / kTPR>& st) {
+  using TL = Tiles<DMAX>;
+  constexpr int BN = TL::BN;
+  const int lane8 = threadIdx.x % kTPR;
+  __syncthreads();  // the previous tile's sK/sV/sP are no longer read
+  load_rows<T, BN, kThreads>(sK, TL::LDK, seg.k, seg.k_row, seg.k_col, kt, seg.n, p.D, DMAX);
+  load_rows<T, BN, kThreads>(sV, DMAX, seg.v, seg.v_row, seg.v_col, kt, seg.n, p.D, DMAX);
+  __syncthreads();
+
+  float s_loc[BN / kTPR];
+  float tile_max = kNegInf;
+#pragma unroll
+  for (int jj = 0; jj < BN / kTPR; ++jj) {
+    const int c = lane8 + jj * kTPR;
+    const int key = kt + c;
+    float s = kNegInf;
+    if (row_ok && key < seg.n && (seg.is_prefix || sequence_key_visible(p, b, i, key))) {
+      s = apply_softcap(dot_rows(sQrow, sK + c * TL::LDK, p.D) * p.scale, p.softcap);
+      s += bias_at(p, b, h, i, seg.bias_col0 + key);
+    }
+    s_loc[jj] = s;
+    tile_max = fmaxf(tile_max, s);
+  }
+  tile_max = group_max<kTPR>(tile_max);
+  const float m_new = fmaxf(st.m, tile_max);
+  // exp(-inf) = 0 rescales an empty accumulator; a row that has seen nothing keeps m = -inf.
+  const float alpha = m_new == kNegInf ? 1.f : expf(st.m - m_new);
+  float psum = 0.f;
+#pragma unroll
+  for (int jj = 0; jj < BN / kTPR; ++jj) {
+    const float pv = s_loc[jj] == kNegInf ? 0.f : expf(s_loc[jj] - m_new);
+    sProw[lane8 + jj * kTPR] = pv;
+    psum += pv;
+  }
+  psum = group_sum<kTPR>(psum);
+  st.l = st.l * alpha + psum;
+  st.m = m_new;
+  __syncwarp();  // the row's probabilities were written by the 8 lanes of this warp
+  const int n_valid = seg.n - kt < BN ? seg.n - kt : BN;
+#pragma unroll
+  for (int j = 0; j < DMAX / kTPR; ++j) {
+    const int c = lane8 + j * kTPR;
+    float a = st.acc[j] * alpha;
+    for (int kk = 0; kk < n_valid; ++kk) a = fmaf(sProw[kk], sV[kk * DMAX + c], a);
+    st.acc[j] = a;
+  }
+}
+
+// grid (ceil(Nq / 16), B * Hq), block 128, dynamic smem Tiles<DMAX>::smem_bytes.
+template <typename T, int DMAX>
+__global__ void __launch_bounds__(kThreads) prefix_attention_fwd_kernel(const AttnParams p) {
+  using TL = Tiles<DMAX>;
+  constexpr int CPT = DMAX / kTPR;
+  PTK_DYNAMIC_SMEM(float, smem);
+  float* sQ = smem;
+  float* sK = sQ + kBM * DMAX;
+  float* sV = sK + TL::BN * TL::LDK;
+  float* sP = sV + TL::BN * DMAX;
+
+  const int r = threadIdx.x / kTPR, lane8 = threadIdx.x % kTPR;
+  const int b = blockIdx.y / p.Hq, h = blockIdx.y % p.Hq;
+  const int hk = h / (p.Hq / p.Hkv);
+  const int i0 = blockIdx.x * kBM;
+  const int i = i0 + r;
+  const bool row_ok = i < p.Nq;
+  const int i1 = i0 + kBM < p.Nq ? i0 + kBM : p.Nq;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  load_rows<T, kBM, kThreads>(sQ, DMAX, q, p.q_stride[2], p.q_stride[3], i0, p.Nq, p.D, DMAX);
+
+  RowState<CPT> st;
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) st.acc[j] = 0.f;
+
+  if (p.prefix_mode != kNoPrefix && p.P > 0) {
+    const KeySegment<T> seg = prefix_segment<T>(p, prefix_of_row(p, b), hk);
+    for (int kt = 0; kt < seg.n; kt += TL::BN)
+      process_key_tile<T, DMAX>(p, seg, kt, b, h, i, row_ok, sQ + r * DMAX, sK, sV, sP + r * TL::BN, st);
+  }
+  int lo, hi;
+  sequence_key_range(p, i0, i1, lo, hi);
+  const KeySegment<T> seq = sequence_segment<T>(p, b, hk);
+  for (int kt = lo; kt < hi; kt += TL::BN)
+    process_key_tile<T, DMAX>(p, seq, kt, b, h, i, row_ok, sQ + r * DMAX, sK, sV, sP + r * TL::BN, st);
+
+  if (!row_ok) return;
+  const bool empty = st.l <= 0.f;  // the row sees no key: output 0, lse -inf (never NaN)
+  const float inv_l = empty ? 0.f : 1.f / st.l;
+  T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Hq + h) * p.Nq + i) * p.D;
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const int c = lane8 + j * kTPR;
+    if (c < p.D) out[c] = from_float<T>(st.acc[j] * inv_l);
+  }
+  if (lane8 == 0) p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.Nq + i] = empty ? kNegInf : st.m + logf(st.l);
+}
+
+}  // namespace fwd
+
+template <typename T, int DMAX>
+inline void launch_prefix_attention_fwd_d(const AttnParams& p, ptk_stream_t stream) {
+  const size_t smem = fwd::Tiles<DMAX>::smem_bytes;
+  auto kernel = fwd::prefix_attention_fwd_kernel<T, DMAX>;  // (a comma inside a macro argument)
+  allow_dynamic_smem(kernel, smem);
+  dim3 grid(ceil_div_h(p.Nq, fwd::kBM), p.B * p.Hq);
+  PTK_LAUNCH(kernel, grid, dim3(fwd::kThreads), smem, stream, p);
+}
+
+// Head-dim buckets 64 / 128 / 256 keep the instantiation count at 3 per dtype.
+template <typename T>
+inline void launch_prefix_attention_fwd(const AttnParams& p, ptk_stream_t stream) {
+  if (p.B * p.Hq == 0 || p.Nq == 0) return;
+  if (p.D <= 64)
+    launch_prefix_attention_fwd_d<T, 64>(p, stream);
+  else if (p.D <= 128)
+    launch_prefix_attention_fwd_d<T, 128>(p, stream);
+  else
+    launch_prefix_attention_fwd_d<T, 256>(p, stream);
+}
+
+}  // namespace ptk

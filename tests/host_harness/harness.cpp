@@ -1,0 +1,83 @@
+// Host harness: the csrc/kernels/*.cuh kernels compiled by g++ against simt_shim.h, exposed to
+// Python (ctypes) through a flat C ABI. tests/test_cuda_harness.py builds and loads it.
+//
+// Arguments are packed by tests/host_harness/harness.py:
+//   ptrs   : q k v prefix_k prefix_v prefix_index key_padding_mask attn_bias out lse grad_out
+//            grad_lse delta dq dk dv dprefix_k dprefix_v
+//   ints   : B Hq Hkv Nq Nk P D T prefix_mode causal window, then the strides of q k v prefix_k
+//            prefix_v out grad_out attn_bias (4 each) and key_padding_mask (2)
+//   floats : softcap scale
+// dtype: 0 float32, 1 float16, 2 bfloat16.
+#include "prefix_attention_fwd.cuh"
+
+#include <exception>
+#include <cstdio>
+
+namespace {
+
+ptk::AttnParams unpack(const void* const* ptrs, const int64_t* ints, const double* floats) {
+  ptk::AttnParams p;
+  p.q = ptrs[0];
+  p.k = ptrs[1];
+  p.v = ptrs[2];
+  p.prefix_k = ptrs[3];
+  p.prefix_v = ptrs[4];
+  p.prefix_index = static_cast<const int64_t*>(ptrs[5]);
+  p.key_padding_mask = static_cast<const uint8_t*>(ptrs[6]);
+  p.attn_bias = static_cast<const float*>(ptrs[7]);
+  p.out = const_cast<void*>(ptrs[8]);
+  p.lse = static_cast<float*>(const_cast<void*>(ptrs[9]));
+  p.grad_out = ptrs[10];
+  p.grad_lse = static_cast<const float*>(ptrs[11]);
+  p.delta = static_cast<float*>(const_cast<void*>(ptrs[12]));
+  p.dq = const_cast<void*>(ptrs[13]);
+  p.dk = const_cast<void*>(ptrs[14]);
+  p.dv = const_cast<void*>(ptrs[15]);
+  p.dprefix_k = const_cast<void*>(ptrs[16]);
+  p.dprefix_v = const_cast<void*>(ptrs[17]);
+  p.B = ints[0];
+  p.Hq = ints[1];
+  p.Hkv = ints[2];
+  p.Nq = ints[3];
+  p.Nk = ints[4];
+  p.P = ints[5];
+  p.D = ints[6];
+  p.T = ints[7];
+  p.prefix_mode = ints[8];
+  p.causal = ints[9] != 0;
+  p.window = ints[10];
+  int64_t* strides[] = {p.q_stride, p.k_stride, p.v_stride, p.pk_stride, p.pv_stride, p.out_stride, p.dout_stride, p.bias_stride};
+  int at = 11;
+  for (int64_t* s : strides)
+    for (int d = 0; d < 4; ++d) s[d] = ints[at++];
+  p.mask_stride[0] = ints[at++];
+  p.mask_stride[1] = ints[at++];
+  p.softcap = static_cast<float>(floats[0]);
+  p.scale = static_cast<float>(floats[1]);
+  return p;
+}
+
+template <template <typename> class Fn>
+int dispatch(int dtype, const ptk::AttnParams& p) {
+  try {
+    if (dtype == 0) Fn<float>::run(p);
+    else if (dtype == 1) Fn<__half>::run(p);
+    else if (dtype == 2) Fn<__nv_bfloat16>::run(p);
+    else return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "harness: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+template <typename T>
+struct Fwd {
+  static void run(const ptk::AttnParams& p) { ptk::launch_prefix_attention_fwd<T>(p, nullptr); }
+};
+
+}  // namespace
+
+extern "C" int ptk_attn_fwd(int dtype, const void* const* ptrs, const int64_t* ints, const double* floats) {
+  return dispatch<Fwd>(dtype, unpack(ptrs, ints, floats));
+}

@@ -1,0 +1,91 @@
+"""The CUDA kernels' logic on the CPU: csrc/kernels/*.cuh compiled by g++ with the SIMT shim of
+tests/host_harness (one host thread per CUDA thread, barriers for __syncthreads, an exchange
+buffer for warp shuffles) and judged against the float64 eager reference with DESIGN.md's rule.
+
+What this proves: indexing and strides, masking and tails, block skipping, the online-softmax
+math, reductions (shuffle lane math), barrier placement logic, dtype conversions. What it cannot:
+timing, the hardware memory model (a race may pass), fast-math ULPs, tensor-core fragment layouts.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from attention_cases import CORE_CASES, Case, check_against_reference
+from host_harness import harness
+from ptkernels import backends
+
+pytestmark = pytest.mark.skipif(
+    harness.compiler() is None or not harness.cuda_headers_present(),
+    reason="needs g++ and the CUDA toolkit headers (cuda_fp16.h) for the host harness")
+
+NAME = "cuda_harness"
+
+
+def _register(monkeypatch, lib):
+    backend = harness.HarnessBackend(lib)
+    monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS + (NAME,))
+    monkeypatch.setitem(backends._MODULES, NAME, NAME)
+    monkeypatch.setitem(backends._loaded, NAME, backend)
+    return backend
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        return harness.build()
+    except subprocess.CalledProcessError as exc:  # show the compiler's message, not just the code
+        pytest.fail(f"host harness failed to compile:\n{exc.stderr}")
+
+
+@pytest.fixture
+def backend(monkeypatch, lib):
+    return _register(monkeypatch, lib)
+
+
+NO_GRAD = ("__forward_only__",)
+
+FWD_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("case", CORE_CASES, ids=[c.id() for c in CORE_CASES])
+def test_forward_core_cases(backend, case):
+    check_against_reference(case, torch.float32, backend=NAME, seed=1, grad_for=NO_GRAD)
+
+
+@pytest.mark.parametrize("dtype", FWD_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    Case(nq=37, nk=53, p=7, d=80, causal=True, padding="left"),
+    Case(nq=19, nk=31, p=64, d=160, form="bank", b=3, t=2, hq=4, hkv=1),
+], ids=lambda c: c.id() if isinstance(c, Case) else None)
+def test_forward_dtypes_and_head_dim_buckets(backend, case, dtype):
+    check_against_reference(case, dtype, backend=NAME, seed=2, grad_for=NO_GRAD)
+
+
+def test_forward_non_contiguous_inputs(backend):
+    """Strided q/k/v (a (B, N, H, D) layout seen through a transpose) are read by their strides."""
+    torch.manual_seed(3)
+    b, hq, hkv, nq, nk, p, d = 2, 4, 2, 11, 15, 5, 24
+    q = torch.randn(b, nq, hq, d).transpose(1, 2)
+    k = torch.randn(b, nk, hkv, d).transpose(1, 2)
+    v = torch.randn(b, nk, hkv, d).transpose(1, 2)
+    pk, pv = torch.randn(1, hkv, p, d), torch.randn(1, hkv, p, d)
+    out, lse = backend.prefix_attention_fwd(q, k, v, pk, pv, None, None, None, None, True, -1, 0.0,
+                                            d ** -0.5, 0.0)
+    from ptkernels.backends.eager import reference_prefix_attention
+    ro, rl = reference_prefix_attention(q.double(), k.double(), v.double(), pk[0].double(),
+                                        pv[0].double(), causal=True)
+    assert (out.double() - ro).abs().max() < 1e-5
+    assert (lse.double() - rl).abs().max() < 1e-5
+
+
+def test_planted_causal_off_by_one_is_caught(monkeypatch):
+    """Proof the harness can fail: the same kernels built with the causal bound shifted by one
+    (PTK_PLANTED_CAUSAL_SHIFT=1) must be rejected by the same check."""
+    bad = harness.build(defines=("PTK_PLANTED_CAUSAL_SHIFT=1",))
+    _register(monkeypatch, bad)
+    with pytest.raises(AssertionError, match="out: error"):
+        check_against_reference(Case(nq=21, nk=29, p=7, causal=True), torch.float32, backend=NAME,
+                                seed=4, grad_for=NO_GRAD)
