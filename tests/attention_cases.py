@@ -213,3 +213,66 @@ CORE_CASES = [
     Case(nq=16, nk=16, p=7, softcap=3.0, bias="heads", window=5, causal=True, padding="left",
          form="per_row"),
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward-only checks of a raw backend forward (before its backward exists, or for a second
+# forward path such as the Triton decode kernel)
+# ----------------------------------------------------------------------------------------------
+
+def normalized_args(inputs: dict, case: Case, dropout_seed=None) -> tuple:
+    """The positional arguments a backend's ``prefix_attention_fwd`` receives for ``inputs``.
+
+    Mirrors the normalization of ``ptkernels.ops.prefix_attention``: prefix as (T, Hkv, P, D)
+    (None when there is none), bool key padding mask, bias expanded to (B, Hq, Nq, P + Nk) (a
+    stride-0 view, not a copy), window -1 / softcap 0.0 for "none", default scale D ** -0.5.
+    """
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    pk, pv, idx = inputs.get("prefix_k"), inputs.get("prefix_v"), inputs.get("prefix_index")
+    if pk is not None and pk.dim() == 3:
+        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+    p = 0 if pk is None else pk.shape[2]
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else mask != 0
+    bias = inputs.get("attn_bias")
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], p + k.shape[2])
+    seed = dropout_seed if case.dropout_p > 0 else None
+    return (q, k, v, pk, pv, idx, mask, bias, seed, case.causal,
+            -1 if case.window is None else case.window,
+            0.0 if case.softcap is None else float(case.softcap), q.shape[-1] ** -0.5,
+            float(case.dropout_p))
+
+
+def check_forward_against_reference(case: Case, dtype, fwd_fn, device="cpu", seed=None,
+                                    dropout_mask_fn=None, inputs=None, transform=None):
+    """Run a raw forward ``fwd_fn`` (backend signature) and judge out and lse by DESIGN.md's rule.
+
+    ``transform(name, tensor) -> tensor`` may change the layout of the kernel's inputs (e.g.
+    non-contiguous views) without changing values. Returns ``(out, lse, errors)``.
+    """
+    base = inputs if inputs is not None else make_inputs(case, seed=seed, requires_grad=False)
+    exact_in, lowp_in, kern_in = cast(base, torch.float64), cast(base, dtype), cast(base, dtype, device)
+    if transform is not None:
+        kern_in = {n: transform(n, x) for n, x in kern_in.items()}
+    dropout_seed = dropout_mask = None
+    if case.dropout_p > 0:
+        from ptkernels.ops.prefix_attention import draw_dropout_seed
+        dropout_seed = draw_dropout_seed()
+        ptot = (case.p if case.form != "none" else 0) + case.nk
+        dropout_mask = dropout_mask_fn(dropout_seed, (case.b, case.hq, case.nq, ptot),
+                                       case.dropout_p).cpu()
+    out, lse = fwd_fn(*normalized_args(kern_in, case, dropout_seed))
+    assert out.dtype == dtype and out.shape == (case.b, case.hq, case.nq, case.d)
+    assert lse.dtype == torch.float32 and lse.shape == (case.b, case.hq, case.nq)
+    assert not torch.isnan(out).any(), "NaN in the output"
+    assert not torch.isnan(lse).any(), "NaN in the lse"
+    out_x, lse_x = run_reference(exact_in, case, dropout_mask)
+    out_l, lse_l = run_reference(lowp_in, case, dropout_mask)
+    errors = {}
+    for name, got, exact, lowp in (("out", out, out_x, out_l), ("lse", lse, lse_x, lse_l)):
+        e_k, e_l = max_err(got.cpu(), exact), max_err(lowp, exact)
+        errors[name] = (e_k, e_l)
+        assert e_k <= FWD_FACTOR * e_l + ATOL[dtype], \
+            f"{name}: error {e_k:.3g} > {FWD_FACTOR} x {e_l:.3g} + {ATOL[dtype]}"
+    return out, lse, errors

@@ -35,7 +35,7 @@ def dropout_keep(seed, bh, rows, cols, n_cols, p):
     cols (BLOCK_N,) key columns j in [0, P + Nk) (prefix first); n_cols = P + Nk; p: drop rate.
     Returns (BLOCK_M, BLOCK_N) bool, True = keep.
     """
-    head_seed = seed.to(tl.int64) + bh
+    head_seed = bh.to(tl.int64) + seed  # bh is a tensor; seed may arrive as a constexpr
     offsets = rows[:, None] * n_cols + cols[None, :]
     return tl.rand(head_seed, offsets.to(tl.int32)) >= p
 

@@ -1,0 +1,86 @@
+"""Launch configurations of the Triton attention kernels, per GPU architecture.
+
+A configuration is ``Config(block_m, block_n, num_warps, num_stages)``. ``candidates(kernel, arch,
+dtype, d)`` lists what the autotuner may pick for a kernel ("fwd" = the main forward, "decode" =
+the split-K decode forward) on sm_<arch> (80 = A100 class, 90 = H100 class; other archs use the
+closest lower table) for a dtype and head dim ``d``. The AOT test compiles every one of them for
+sm_80 and sm_90 and requires zero register spills and shared memory within the arch limit, so
+this table is the single place to edit when tuning.
+
+Under the Triton interpreter one fixed small configuration is used (``INTERPRET``): autotuning
+there is far too slow, and 32-wide tiles still leave tails in every odd test shape.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+INTERPRET = {"fwd": Config(32, 32, 4, 1), "decode": Config(16, 32, 4, 1)}
+
+# Head-dim ranges (upper bounds of BLOCK_D) -> candidates. 16-bit inputs use tensor-core tiles;
+# fp32 tiles are halved (twice the bytes per element in registers and shared memory).
+_FWD = {
+    90: {
+        "16bit": {64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)],
+                  128: [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)],
+                  256: [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)]},
+        "fp32": {64: [Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
+                 128: [Config(64, 32, 4, 2), Config(64, 64, 8, 2)],
+                 256: [Config(32, 32, 4, 1), Config(64, 32, 8, 1)]},
+    },
+    80: {
+        "16bit": {64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 4)],
+                  128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3)],
+                  256: [Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 2)]},
+        "fp32": {64: [Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
+                 128: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
+                 256: [Config(32, 32, 4, 1), Config(64, 32, 8, 1)]},
+    },
+}
+# Decode: BLOCK_M covers the few query rows; the work is spread over splits of the keys instead.
+_DECODE = {
+    90: {"16bit": {64: [Config(16, 128, 4, 3), Config(16, 64, 4, 3)],
+                   128: [Config(16, 64, 4, 3), Config(16, 128, 4, 2)],
+                   256: [Config(16, 64, 4, 2), Config(16, 32, 4, 2)]},
+         "fp32": {64: [Config(16, 64, 4, 2)], 128: [Config(16, 32, 4, 2)], 256: [Config(16, 32, 4, 1)]}},
+    80: {"16bit": {64: [Config(16, 128, 4, 3), Config(16, 64, 4, 3)],
+                   128: [Config(16, 64, 4, 3), Config(16, 128, 4, 2)],
+                   256: [Config(16, 64, 4, 2), Config(16, 32, 4, 2)]},
+         "fp32": {64: [Config(16, 64, 4, 2)], 128: [Config(16, 32, 4, 2)], 256: [Config(16, 32, 4, 1)]}},
+}
+TABLES = {"fwd": _FWD, "decode": _DECODE}
+ARCHS = (80, 90)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIM_BUCKETS = (64, 128, 256)   # BLOCK_D upper bounds; 16 and 32 use the 64 bucket
+
+
+def _arch_key(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
+def _dtype_key(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _bucket(block_d: int) -> int:
+    for ub in HEAD_DIM_BUCKETS:
+        if block_d <= ub:
+            return ub
+    raise ValueError(f"head dim block {block_d} > 256 is not supported")
+
+
+def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int) -> list[Config]:
+    """Every configuration the autotuner may pick for ``kernel`` on sm_<arch>."""
+    return list(TABLES[kernel][_arch_key(arch)][_dtype_key(dtype)][_bucket(block_d)])

@@ -1,0 +1,166 @@
+"""Split-K decode forward of ``prefix_attention``: few query rows (generation with a KV cache).
+
+With Nq <= 16 the main kernel would run one program per (b, h) and leave most of the GPU idle
+while each program walks P + Nk keys alone. Here the keys are split over programs instead
+(FlashDecoding / FlashInfer cascade style): the prefix and the sequence (the cache) are separate
+segments, each cut into chunks of ``chunk`` keys; program (s, b*h, m) computes a partial softmax over
+chunk s and writes a float32 partial output (normalized) and its natural-log lse to workspaces
+(B*Hq, S, Nq, D) / (B*Hq, S, Nq). A combine kernel merges the S partials by logsumexp:
+lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) * out_s. Chunks that causal / window
+masking empties give lse_s = -inf and weight 0.
+
+Semantics are those of ``attention_fwd`` (same score pipeline, same dropout mask since mask
+columns are global), so the normal backward applies to a decode-path forward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ptkernels.backends.triton import configs
+from ptkernels.backends.triton._common import INTERPRET, alloc
+from ptkernels.backends.triton.attention_fwd import (LN2, Launch, attend_segment, pick_config,
+                                                     sequence_bounds)
+
+# Keys per split: enough to amortize a program's setup, small enough to spread a 4k cache over
+# a few dozen programs per (b, h).
+MIN_CHUNK = 256
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   spkt, spkh, spkn, spkd, spvt, spvh, spvn, spvd,
+                   skpmb, skpmn, sbb, sbh, sbm, sbn,
+                   Hq, Nq, Nk, P, G, D, seed, scale, softcap, dropout_p, window,
+                   chunk, n_split_p, n_split,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr):
+    # grid (n_split, B * Hq, cdiv(Nq, BLOCK_M)); splits [0, n_split_p) cover the prefix.
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // G).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Nq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERPRET:
+        q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bias_rows = BIAS + b * sbb + h * sbh + rows * sbm
+    n_cols = P + Nk
+    q_off = Nk - Nq
+    if split < n_split_p:
+        if HAS_INDEX:
+            t = tl.load(PIDX + b).to(tl.int64)
+        else:
+            t = b
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, P)
+        acc, m_i, l_i = attend_segment(
+            acc, m_i, l_i, q, PK + t * spkt + kvh * spkh, PV + t * spvt + kvh * spvh,
+            spkn, spkd, spvn, spvd, lo, hi, hi, 0, n_cols, rows, row_ok, bias_rows, sbn,
+            KPM, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
+            BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
+            HAS_DROPOUT, INTERPRET)
+    else:
+        lo_c = (split - n_split_p) * chunk
+        hi_c = tl.minimum(lo_c + chunk, Nk)
+        lo_v, hi_v = sequence_bounds(m0, Nk, q_off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+        # chunk is a multiple of BLOCK_N, so lo stays block aligned
+        lo = tl.maximum(lo_c, lo_v)
+        hi = tl.minimum(hi_c, hi_v)
+        acc, m_i, l_i = attend_segment(
+            acc, m_i, l_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh,
+            skn, skd, svn, svd, lo, hi, hi_c, P, n_cols, rows, row_ok, bias_rows, sbn,
+            KPM + b * skpmb, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
+            BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
+            HAS_DROPOUT, INTERPRET)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    part = (bh.to(tl.int64) * n_split + split) * Nq + rows
+    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(L_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(O_PART, L_PART, OUT, LSE, Hq, Nq, D, n_split, sob, soh, som,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid (Nq, B * Hq): merge the n_split partials of one query row by logsumexp.
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_split
+    part = (bh.to(tl.int64) * n_split + offs_s) * Nq + i
+    lse_s = tl.load(L_PART + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_base = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_base)
+    total = tl.sum(w, 0)
+    o = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    seen = total > 0.0
+    out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
+    lse = tl.where(seen, m_base + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(OUT + b.to(tl.int64) * sob + h * soh + i * som + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < D)
+    tl.store(LSE + bh.to(tl.int64) * Nq + i, lse)
+
+
+def num_splits(n_keys: int, chunk: int) -> int:
+    return triton.cdiv(n_keys, chunk) if n_keys > 0 else 0
+
+
+def choose_chunk(launch: Launch, block_n: int) -> int:
+    """Keys per split (a multiple of block_n): about 2 programs per SM over the whole grid."""
+    if INTERPRET or launch.device.type != "cuda":
+        return 2 * block_n  # small chunks so that the tests cross chunk boundaries
+    sms = torch.cuda.get_device_properties(launch.device).multi_processor_count
+    rows = launch.b * launch.hq * triton.cdiv(launch.nq, 16)
+    want = max(1, (2 * sms) // max(1, rows))
+    chunk = max(MIN_CHUNK, triton.cdiv(launch.p + launch.nk, want))
+    return triton.cdiv(chunk, block_n) * block_n
+
+
+def forward_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
+                   dropout_seed, causal, window, softcap, scale, dropout_p):
+    """Split-K forward; same signature and results as ``attention_fwd.forward_main``."""
+    L = Launch(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
+               dropout_seed, causal, window, softcap, scale, dropout_p)
+    out = alloc((L.b, L.hq, L.nq, L.d), q.dtype, q.device)
+    lse = alloc((L.b, L.hq, L.nq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+
+    def run(cfg):
+        chunk = choose_chunk(L, cfg.block_n)
+        n_split_p = num_splits(L.p, chunk)
+        n_split = max(1, n_split_p + num_splits(L.nk, chunk))
+        o_part = alloc((L.b * L.hq, n_split, L.nq, L.block_d), torch.float32, q.device)
+        l_part = alloc((L.b * L.hq, n_split, L.nq), torch.float32, q.device)
+        grid = (n_split, L.b * L.hq, triton.cdiv(L.nq, cfg.block_m))
+        _decode_kernel[grid](*L.tensors, o_part, l_part, *L.strides, *L.scalars, chunk,
+                             n_split_p, n_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             BLOCK_D=L.block_d, **L.flags, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages)
+        _combine_kernel[(L.nq, L.b * L.hq)](o_part, l_part, out, lse, L.hq, L.nq, L.d, n_split,
+                                            *out.stride()[:3],
+                                            BLOCK_S=triton.next_power_of_2(n_split),
+                                            BLOCK_D=L.block_d)
+
+    run(pick_config("decode", L, run))
+    return out, lse

@@ -1,0 +1,175 @@
+"""Triton forward (main and split-K decode paths) of prefix_attention against the float64 reference.
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+when there is no CUDA); shapes stay small because the interpreter costs milliseconds per loop
+iteration. Outputs are poisoned with NaN before every run (PTKERNELS_DEBUG_POISON=1), so an
+element the kernel forgets to write fails the NaN / error checks. The GPU-marked tests run the
+same cases on CUDA (``make gpu-check``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from tests.attention_cases import CORE_CASES, Case, check_forward_against_reference, make_inputs
+
+pytest.importorskip("triton")
+pytest.importorskip("numpy")  # the interpreter needs it
+
+from ptkernels.backends.triton import attention_fwd  # noqa: E402
+from ptkernels.backends.triton.decode import forward_decode  # noqa: E402
+from ptkernels.backends.triton.dropout import dropout_keep_mask  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+LOWP = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("PTKERNELS_DEBUG_POISON", "1")
+
+
+def _ids(cases):
+    return [c.id() for c in cases]
+
+
+# fp32 on every core case; the 16-bit dtypes on a subset that still covers every feature.
+LOWP_CASES = [CORE_CASES[i] for i in (2, 4, 7, 9, 11, 16, 17, 19, 21, 23)]
+
+
+@pytest.mark.parametrize("case", CORE_CASES, ids=_ids(CORE_CASES))
+def test_main_fp32(case):
+    check_forward_against_reference(case, torch.float32, attention_fwd.forward_main, seed=1)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("case", LOWP_CASES, ids=_ids(LOWP_CASES))
+def test_main_lowp(case, dtype):
+    check_forward_against_reference(case, dtype, attention_fwd.forward_main, seed=2)
+
+
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 40, 256])
+def test_head_dims(d):
+    case = Case(nq=17, nk=23, p=7, d=d, causal=True, hq=2, hkv=1)
+    check_forward_against_reference(case, torch.float16, attention_fwd.forward_main, seed=d)
+
+
+# Decode-shaped cases: few query rows, keys crossing several split chunks (the interpreter
+# uses chunks of 64 keys), prefix splits and sequence splits, masked chunks.
+DECODE_CASES = [
+    Case(nq=1, nk=150, p=70, d=64, causal=True),
+    Case(nq=3, nk=97, p=7, d=32, hq=4, hkv=1, causal=True, padding="left"),
+    Case(nq=4, nk=130, p=64, d=80, form="bank", b=3, t=2, window=40, causal=True),
+    Case(nq=2, nk=70, p=7, d=32, form="per_row", softcap=4.0, bias="heads", padding="right"),
+    Case(nq=5, nk=40, p=0, form="none", d=32, causal=True, padding="full_row"),
+    Case(nq=16, nk=100, p=7, d=32, causal=True),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_ids(DECODE_CASES))
+def test_decode_matches_main_and_reference(case):
+    inputs = make_inputs(case, seed=3, requires_grad=False)
+    dtype = torch.float16
+    out_d, lse_d, _ = check_forward_against_reference(case, dtype, forward_decode, inputs=inputs)
+    out_m, lse_m, _ = check_forward_against_reference(case, dtype, attention_fwd.forward_main,
+                                                      inputs=inputs)
+    # Same math, different summation order: agree to fp16 output rounding.
+    assert (out_d.float() - out_m.float()).abs().max().item() <= 2e-3
+    finite = torch.isfinite(lse_m)
+    assert torch.equal(finite, torch.isfinite(lse_d))
+    assert (lse_d[finite] - lse_m[finite]).abs().max().item() <= 1e-4
+
+
+def test_dispatch_rule():
+    assert attention_fwd.use_decode(1, 64, 4096)
+    assert attention_fwd.use_decode(16, 0, attention_fwd.DECODE_MIN_KEYS)
+    assert not attention_fwd.use_decode(17, 64, 4096)
+    assert not attention_fwd.use_decode(1, 7, 100)
+
+
+@pytest.mark.parametrize("case", [Case(nq=21, nk=25, p=7, dropout_p=0.3, causal=True, bias="rows"),
+                                  Case(nq=3, nk=100, p=40, dropout_p=0.2, form="per_row")],
+                         ids=lambda c: c.id())
+@pytest.mark.parametrize("path", ["main", "decode"])
+def test_dropout_with_recovered_mask(case, path):
+    fn = attention_fwd.forward_main if path == "main" else forward_decode
+    check_forward_against_reference(case, torch.float32, fn, seed=4,
+                                    dropout_mask_fn=dropout_keep_mask)
+
+
+def test_dropout_mask_statistics_and_determinism():
+    seed = torch.tensor([2 ** 62 + 12345])
+    shape = (2, 3, 40, 90)
+    m1 = dropout_keep_mask(seed, shape, 0.25, DEVICE)
+    m2 = dropout_keep_mask(seed, shape, 0.25, DEVICE)
+    assert m1.dtype == torch.bool and m1.shape == shape
+    assert torch.equal(m1, m2)
+    assert abs(m1.float().mean().item() - 0.75) < 0.01
+    assert not torch.equal(m1[0, 0], m1[0, 1])  # heads draw different masks
+    assert not torch.equal(m1, dropout_keep_mask(seed + 1, shape, 0.25, DEVICE))
+
+
+def test_rows_without_keys_are_zero():
+    # every key of batch row 0 padded and no prefix: output exactly 0, lse -inf
+    case = Case(nq=9, nk=11, p=0, form="none", padding="full_row")
+    out, lse, _ = check_forward_against_reference(case, torch.float32, attention_fwd.forward_main,
+                                                  seed=5)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+
+
+def test_any_strides():
+    # (B, N, H, D) storage seen as (B, H, N, D), a prefix with a permuted layout, an expanded bias
+    case = Case(nq=19, nk=29, p=7, hq=4, hkv=2, causal=True, bias="heads", form="per_row")
+
+    def relayout(name, x):
+        if x.dim() == 4 and name in ("q", "k", "v"):
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        if name in ("prefix_k", "prefix_v"):
+            return x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+        return x
+
+    check_forward_against_reference(case, torch.float16, attention_fwd.forward_main, seed=6,
+                                    transform=relayout)
+
+
+def test_empty_query():
+    q = torch.randn(1, 2, 0, 32)
+    k = v = torch.randn(1, 2, 5, 32)
+    out, lse = attention_fwd.prefix_attention_fwd(q, k, v, None, None, None, None, None, None,
+                                                  False, -1, 0.0, 0.2, 0.0)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the same cases compiled for the device, plus timings
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CORE_CASES + DECODE_CASES, ids=_ids(CORE_CASES + DECODE_CASES))
+def test_gpu_cases(case, dtype):
+    check_forward_against_reference(case, dtype, attention_fwd.prefix_attention_fwd,
+                                    device="cuda", seed=7, dropout_mask_fn=dropout_keep_mask)
+    check_forward_against_reference(case, dtype, forward_decode, device="cuda", seed=7,
+                                    dropout_mask_fn=dropout_keep_mask)
+
+
+@pytest.mark.gpu
+def test_gpu_timing():
+    import triton.testing
+
+    case = Case(b=4, hq=16, hkv=16, nq=2048, nk=2048, p=64, d=128, causal=True)
+    inputs = make_inputs(case, seed=8, requires_grad=False)
+    from tests.attention_cases import cast, normalized_args
+
+    args = normalized_args(cast(inputs, torch.bfloat16, "cuda"), case)
+    attention_fwd.prefix_attention_fwd(*args)
+    ms = triton.testing.do_bench(lambda: attention_fwd.prefix_attention_fwd(*args))
+    flops = 4 * case.b * case.hq * case.d * (case.nq * case.p + case.nq * (case.nq + 1) / 2)
+    print(f"\ntriton fwd bf16 {case.id()}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+    assert ms > 0
