@@ -63,15 +63,6 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float, device) -> torch.Tens
     return (torch.rand(tuple(shape), generator=gen) >= p).to(device)
 
 
-def prefix_rows(prefix_k, prefix_index, batch: int):
-    """The prefix each batch row sees, (B, Hkv, P, D) (a gather only for the bank form)."""
-    if prefix_index is not None:
-        return prefix_k.index_select(0, prefix_index)
-    if prefix_k.shape[0] == 1:
-        return prefix_k.expand(batch, *prefix_k.shape[1:])
-    return prefix_k
-
-
 def visible_sequence_keys(batch, nq, nk, causal, window, key_padding_mask, device):
     """Bool mask of the sequence keys each query sees, broadcastable to (B, 1, Nq, Nk), or None.
 
@@ -107,10 +98,6 @@ def _empty_sequence_rows(batch, nq, nk, causal, window, key_padding_mask, device
         lo_c = csum[:, lo.clamp(max=nk)]
         count = torch.where(hi >= lo, hi_c - lo_c, torch.zeros_like(hi_c)).view(batch, 1, nq)
     return count <= 0
-
-
-def softcapped(s: torch.Tensor, softcap: float) -> torch.Tensor:
-    return softcap * torch.tanh(s / softcap) if softcap > 0 else s
 
 
 def _safe_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -252,30 +239,44 @@ class _Geometry:
         return None if x is None else fold(x.to(self.acc), self.hkv, shared)
 
 
-def _segment_probs(qg, kg, scale, softcap, bias_g, vis_g, lse_g):
-    """exp(scores - lse) for one segment (folded shapes); lse rows at +inf give 0."""
-    s_raw = torch.matmul(qg, kg.transpose(-1, -2)) * scale
-    s = softcapped(s_raw, softcap)
+def _scores(qg, kg, scale, softcap, bias_g, vis_g):
+    """Scores of one segment in folded shapes (Nb, Hkv, R, Nkeys): scale, soft-cap, bias, mask.
+
+    Returns (s, t) where t = tanh(raw / softcap) (for the backward's chain rule) or None.
+    """
+    nb, h, r, d = qg.shape
+    s = torch.bmm(qg.reshape(nb * h, r, d), kg.reshape(nb * h, -1, d).transpose(1, 2))
+    s = s.view(nb, h, r, -1).mul_(scale)
+    t = None
+    if softcap > 0:
+        t = s.div_(softcap).tanh_()
+        s = t * softcap
     if bias_g is not None:
-        s = s + bias_g
+        s.add_(bias_g)
     if vis_g is not None:
-        s = s.masked_fill(~vis_g, -math.inf)
-    return s, s_raw
+        s.masked_fill_(~vis_g, -math.inf)
+    return s, t
 
 
 def _segment_forward(qg, kg, vg, scale, softcap, bias_g, vis_g, keep_g, dropout_p):
-    s, _ = _segment_probs(qg, kg, scale, softcap, bias_g, vis_g, None)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    """(out, lse) of one segment; rows that see no key give out 0 and lse -inf."""
+    s, _ = _scores(qg, kg, scale, softcap, bias_g, vis_g)
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill_(torch.isneginf(m), 0.0)
+    e = s.sub_(m).exp_()                       # in place: the scores are not needed again
+    denom = e.sum(-1, keepdim=True)
+    lse = (m + denom.log()).squeeze(-1)        # log(0) = -inf for rows without keys
     if keep_g is not None:
-        p = p * keep_g / (1.0 - dropout_p)
-    return torch.matmul(p, vg), lse
+        e.mul_(keep_g).div_(1.0 - dropout_p)
+    out = torch.matmul(e, vg).div_(denom.masked_fill_(denom == 0, 1.0))
+    return out, lse
 
 
 def _segment_backward(qg, kg, vg, dog, lse_g, delta_g, scale, softcap, bias_g, vis_g, keep_g,
                       dropout_p, need_dq, need_dk, need_dv):
-    s, s_raw = _segment_probs(qg, kg, scale, softcap, bias_g, vis_g, lse_g)
-    p = torch.exp(s - lse_g.unsqueeze(-1))
+    """Gradients of one segment given the FINAL lse (+inf on empty rows) and delta."""
+    s, t = _scores(qg, kg, scale, softcap, bias_g, vis_g)
+    p = s.sub_(lse_g.unsqueeze(-1)).exp_()
     pd = p if keep_g is None else p * keep_g / (1.0 - dropout_p)
     dq = dk = dv = None
     if need_dv:
@@ -283,12 +284,11 @@ def _segment_backward(qg, kg, vg, dog, lse_g, delta_g, scale, softcap, bias_g, v
     if need_dq or need_dk:
         dp = torch.matmul(dog, vg.transpose(-1, -2))
         if keep_g is not None:
-            dp = dp * keep_g / (1.0 - dropout_p)
-        ds = p * (dp - delta_g.unsqueeze(-1))
-        if softcap > 0:
-            t = torch.tanh(s_raw / softcap)
-            ds = ds * (1.0 - t * t)
-        ds = ds * scale
+            dp.mul_(keep_g).div_(1.0 - dropout_p)
+        ds = dp.sub_(delta_g.unsqueeze(-1)).mul_(p)
+        if t is not None:
+            ds.mul_(1.0 - t * t)
+        ds.mul_(scale)
         if need_dq:
             dq = torch.matmul(ds, kg)
         if need_dk:
@@ -358,7 +358,8 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     if out is None:  # no prefix and no keys at all
         out = torch.zeros(q.shape, dtype=geo.acc, device=q.device)
         lse = torch.full(q.shape[:-1], -math.inf, dtype=geo.acc, device=q.device)
-    out = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(out), out)
+    if geo.p == 0:  # only then can a row see no key at all; its output must be 0, never NaN
+        out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
