@@ -90,8 +90,8 @@ def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, o
     s = state.to(acc).expand_as(u)
     da, du, ds = gate_epilogue_backward(grad_new_state.to(acc), preact.to(acc), u, s, variant)
     da2 = da.reshape(-1, da.shape[-1])
-    empty = update.new_empty(0)
-    grad_u = grad_s = grad_w = grad_b = empty
+    # unneeded gradients are distinct empty tensors: a custom op's outputs must not alias
+    grad_u, grad_s, grad_w, grad_b = (update.new_empty(0) for _ in range(4))
     if need_du or need_ds:
         dx = (da2 @ weight.to(acc).t()).view(*u.shape[:-1], 2 * d)
         if need_du:

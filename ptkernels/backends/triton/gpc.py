@@ -1,0 +1,369 @@
+"""Triton kernels of ``ptkernels.gpc_cell``: the Global Prompt Cell's gated update.
+
+Shapes: U (B, m, d); S (B, m, d) or (m, d) (a batch stride of 0 shares it); W (2d, G*d); b (G*d,);
+G = number of gates (lstm 2, candidate 3, gru 1, reinject 2; blocks in ``eager_gpc`` order).
+Rows are flattened, M = B*m; row r reads S at ((r // m) * stride_b + (r % m) * stride_m).
+
+Forward (``_fwd_kernel``, one program per (BLOCK_M rows, BLOCK_N state columns)): one fused GEMM
+``[U, S] @ W`` done as two K-halves (U against W[:d], S against W[d:]; [U, S] is never built in
+memory), G accumulators (one per gate block of the same columns, so the epilogue has every gate of
+an output element in registers), then bias + sigmoid/tanh + the gated combination. Writes S'
+(input dtype) and the float32 pre-activations A (M, G*d), which the backward reuses instead of
+redoing the GEMM.
+
+Backward, three kernels:
+1. ``_bwd_gates_kernel`` (elementwise): dA = dS' * d(epilogue)/dA (M, G*d, fp32) and the direct
+   terms dS'*d(epilogue)/dU, /dS (fp32).
+2. ``_bwd_dx_kernel``: dU = direct_U + dA @ W[:d]^T and dS = direct_S + dA @ W[d:]^T; for a shared
+   (m, d) state each program also loops over the batch, so the batch reduction is in-kernel.
+3. ``_bwd_dw_kernel``: dW[half] = X_half^T @ dA with X_half = U or S (one launch per half), and
+   db = colsum(dA) in the U launch. Each program owns one output tile and loops over all M rows
+   in order: no atomics, so dW and db are deterministic.
+The backward GEMMs take fp32 operands (dA is fp32; U/S/W are upcast): the gradients keep
+fp32 accuracy, which the error rule (3x the eager fp32-accumulated error) needs for 16-bit inputs.
+
+Under ``TRITON_INTERPRET=1`` bf16 is upcast right after every load (``_common.mma``); the GPU
+path keeps 16-bit operands in the forward GEMM for the tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ptkernels.backends.eager_gpc import num_gates
+from ptkernels.backends.triton._common import INTERPRET, SIG_DTYPE, alloc, mma
+
+VARIANT_CODE = {"lstm": 0, "candidate": 1, "gru": 2, "reinject": 3}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel and dtype class, on the GPU. The
+# interpreter uses one small config (programs run one at a time in Python there).
+GPU_CONFIGS = {
+    ("fwd", "16bit"): (64, 64, 32, 4, 3),
+    ("fwd", "fp32"): (64, 32, 32, 4, 2),
+    ("dx", "16bit"): (64, 32, 32, 4, 2),
+    ("dx", "fp32"): (64, 32, 32, 4, 2),
+    ("dw", "16bit"): (32, 32, 64, 4, 2),
+    ("dw", "fp32"): (32, 32, 64, 4, 2),
+    ("gates", "16bit"): (64, 64, 0, 4, 1),
+    ("gates", "fp32"): (64, 64, 0, 4, 1),
+}
+INTERPRET_CONFIG = {"fwd": (32, 32, 32, 4, 1), "dx": (32, 32, 32, 4, 1), "dw": (32, 32, 32, 4, 1),
+                    "gates": (32, 64, 0, 4, 1)}
+
+
+def _config(kernel: str, dtype: torch.dtype, device: torch.device):
+    if INTERPRET and device.type == "cpu":
+        return INTERPRET_CONFIG[kernel]
+    return GPU_CONFIGS[(kernel, "fp32" if dtype == torch.float32 else "16bit")]
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # 2*sigmoid(2x) - 1: stable at both ends (exp(-2x) overflows to inf only where the result is -1)
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _row_offsets(rows, m, stride_b, stride_m):
+    return (rows // m) * stride_b + (rows % m) * stride_m
+
+
+@triton.jit
+def _fwd_kernel(U, S, W, Bias, Out, A,
+                M, m, d,
+                su_b, su_m, su_d, ss_b, ss_m, ss_d, sw_k, sw_n,
+                NG: tl.constexpr, VARIANT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < d
+    u_row = _row_offsets(rows, m, su_b, su_m)
+    s_row = _row_offsets(rows, m, ss_b, ss_m)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < d
+        xm = rmask[:, None] & kmask[None, :]
+        wm = kmask[:, None] & cmask[None, :]
+        u = tl.load(U + u_row[:, None] + ks[None, :] * su_d, mask=xm, other=0.0)
+        s = tl.load(S + s_row[:, None] + ks[None, :] * ss_d, mask=xm, other=0.0)
+        # K-half 1: U against W[:d]; K-half 2: S against W[d:]
+        wu = W + ks[:, None] * sw_k + cols[None, :] * sw_n
+        ws = wu + d * sw_k
+        acc0 = mma(u, tl.load(wu, mask=wm, other=0.0), acc0, INTERPRET)
+        acc0 = mma(s, tl.load(ws, mask=wm, other=0.0), acc0, INTERPRET)
+        if NG >= 2:
+            acc1 = mma(u, tl.load(wu + d * sw_n, mask=wm, other=0.0), acc1, INTERPRET)
+            acc1 = mma(s, tl.load(ws + d * sw_n, mask=wm, other=0.0), acc1, INTERPRET)
+        if NG >= 3:
+            acc2 = mma(u, tl.load(wu + 2 * d * sw_n, mask=wm, other=0.0), acc2, INTERPRET)
+            acc2 = mma(s, tl.load(ws + 2 * d * sw_n, mask=wm, other=0.0), acc2, INTERPRET)
+
+    om = rmask[:, None] & cmask[None, :]
+    acc0 += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if NG >= 2:
+        acc1 += tl.load(Bias + d + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if NG >= 3:
+        acc2 += tl.load(Bias + 2 * d + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    u = tl.load(U + u_row[:, None] + cols[None, :] * su_d, mask=om, other=0.0).to(tl.float32)
+    s = tl.load(S + s_row[:, None] + cols[None, :] * ss_d, mask=om, other=0.0).to(tl.float32)
+    if VARIANT == 0:      # lstm: sigmoid(f) * S + sigmoid(r) * U
+        new = _sigmoid(acc0) * s + _sigmoid(acc1) * u
+    elif VARIANT == 1:    # candidate: sigmoid(f) * S + sigmoid(r) * tanh(c)
+        new = _sigmoid(acc0) * s + _sigmoid(acc1) * _tanh(acc2)
+    elif VARIANT == 2:    # gru: g * U + (1 - g) * S
+        g = _sigmoid(acc0)
+        new = g * u + (1.0 - g) * s
+    else:                 # reinject: sigmoid(f) * U + sigmoid(r) * S
+        new = _sigmoid(acc0) * u + _sigmoid(acc1) * s
+    out_off = rows[:, None] * d + cols[None, :]
+    tl.store(Out + out_off, new.to(Out.dtype.element_ty), mask=om)
+    a_off = rows[:, None] * (NG * d) + cols[None, :]
+    tl.store(A + a_off, acc0, mask=om)
+    if NG >= 2:
+        tl.store(A + a_off + d, acc1, mask=om)
+    if NG >= 3:
+        tl.store(A + a_off + 2 * d, acc2, mask=om)
+
+
+@triton.jit
+def _bwd_gates_kernel(G, A, U, S, DA, DU, DS,
+                      M, m, d,
+                      sg_b, sg_m, sg_d, su_b, su_m, su_d, ss_b, ss_m, ss_d,
+                      NG: tl.constexpr, VARIANT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    om = (rows < M)[:, None] & (cols < d)[None, :]
+    g = tl.load(G + _row_offsets(rows, m, sg_b, sg_m)[:, None] + cols[None, :] * sg_d,
+                mask=om, other=0.0).to(tl.float32)
+    u = tl.load(U + _row_offsets(rows, m, su_b, su_m)[:, None] + cols[None, :] * su_d,
+                mask=om, other=0.0).to(tl.float32)
+    s = tl.load(S + _row_offsets(rows, m, ss_b, ss_m)[:, None] + cols[None, :] * ss_d,
+                mask=om, other=0.0).to(tl.float32)
+    a_off = rows[:, None] * (NG * d) + cols[None, :]
+    x_off = rows[:, None] * d + cols[None, :]
+    if VARIANT == 2:      # gru
+        gt = _sigmoid(tl.load(A + a_off, mask=om, other=0.0))
+        tl.store(DA + a_off, g * (u - s) * gt * (1.0 - gt), mask=om)
+        tl.store(DU + x_off, g * gt, mask=om)
+        tl.store(DS + x_off, g * (1.0 - gt), mask=om)
+    else:
+        f = _sigmoid(tl.load(A + a_off, mask=om, other=0.0))
+        r = _sigmoid(tl.load(A + a_off + d, mask=om, other=0.0))
+        if VARIANT == 0:      # lstm
+            tl.store(DA + a_off, g * s * f * (1.0 - f), mask=om)
+            tl.store(DA + a_off + d, g * u * r * (1.0 - r), mask=om)
+            tl.store(DU + x_off, g * r, mask=om)
+            tl.store(DS + x_off, g * f, mask=om)
+        elif VARIANT == 3:    # reinject
+            tl.store(DA + a_off, g * u * f * (1.0 - f), mask=om)
+            tl.store(DA + a_off + d, g * s * r * (1.0 - r), mask=om)
+            tl.store(DU + x_off, g * f, mask=om)
+            tl.store(DS + x_off, g * r, mask=om)
+        else:                 # candidate
+            c = _tanh(tl.load(A + a_off + 2 * d, mask=om, other=0.0))
+            tl.store(DA + a_off, g * s * f * (1.0 - f), mask=om)
+            tl.store(DA + a_off + d, g * c * r * (1.0 - r), mask=om)
+            tl.store(DA + a_off + 2 * d, g * r * (1.0 - c * c), mask=om)
+            tl.store(DU + x_off, tl.zeros_like(g), mask=om)
+            tl.store(DS + x_off, g * f, mask=om)
+
+
+@triton.jit
+def _bwd_dx_kernel(DA, Direct, W, Out,
+                   R, NB, d, w_off, sw_k, sw_n,
+                   NG: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """Out[r, c] = sum_{b < NB} Direct[b*R + r, c] + DA[b*R + r, :] @ W[w_off + c, :]^T."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < R
+    cmask = cols < d
+    om = rmask[:, None] & cmask[None, :]
+    n = NG * d
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b in range(0, NB):
+        brow = b * R + rows
+        acc += tl.load(Direct + brow[:, None] * d + cols[None, :], mask=om, other=0.0)
+        for k0 in range(0, n, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < n
+            da = tl.load(DA + brow[:, None] * n + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wt = tl.load(W + (w_off + cols)[None, :] * sw_k + ks[:, None] * sw_n,
+                         mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc = mma(da, wt, acc, INTERPRET)
+    tl.store(Out + rows[:, None] * d + cols[None, :], acc.to(Out.dtype.element_ty), mask=om)
+
+
+@triton.jit
+def _bwd_dw_kernel(X, DA, DW, DB,
+                   M, m, d, sx_b, sx_m, sx_d, w_off,
+                   NG: tl.constexpr, DO_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """DW[w_off + k, c] = sum_r X[r, k] * DA[r, c]; DB[c] = sum_r DA[r, c] (DO_BIAS, k-block 0).
+    One program per (BLOCK_K rows of this half of W, BLOCK_N columns), rows of X in order."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = NG * d
+    kmask = ks < d
+    cmask = cols < n
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, M, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        xt = tl.load(X + _row_offsets(rows, m, sx_b, sx_m)[None, :] + ks[:, None] * sx_d,
+                     mask=kmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+        da = tl.load(DA + rows[:, None] * n + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        acc = mma(xt, da, acc, INTERPRET)
+        if DO_BIAS:
+            bias_acc += tl.sum(da, axis=0)
+    tl.store(DW + (w_off + ks)[:, None] * n + cols[None, :], acc.to(DW.dtype.element_ty),
+             mask=kmask[:, None] & cmask[None, :])
+    if DO_BIAS:
+        if pid_k == 0:
+            tl.store(DB + cols, bias_acc.to(DB.dtype.element_ty), mask=cmask)
+
+
+def _state_strides(state: torch.Tensor) -> tuple[int, int, int]:
+    if state.dim() == 2:
+        return 0, state.stride(0), state.stride(1)
+    return tuple(state.stride())
+
+
+def gpc_cell_fwd(update, state, weight, bias, variant):
+    """(S' (B, m, d) in update's dtype, A (B, m, G*d) float32)."""
+    ng, code = num_gates(variant), VARIANT_CODE[variant]
+    b, m, d = update.shape
+    rows = b * m
+    out = alloc((b, m, d), update.dtype, update.device)
+    preact = alloc((b, m, ng * d), torch.float32, update.device)
+    bm, bn, bk, warps, stages = _config("fwd", update.dtype, update.device)
+    grid = (triton.cdiv(rows, bm), triton.cdiv(d, bn))
+    _fwd_kernel[grid](update, state, weight, bias, out, preact, rows, m, d,
+                      *update.stride(), *_state_strides(state), *weight.stride(),
+                      NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET,
+                      num_warps=warps, num_stages=stages)
+    return out, preact
+
+
+def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, output_mask):
+    need_du, need_ds, need_dw, need_db = (bool(x) for x in output_mask)
+    ng, code = num_gates(variant), VARIANT_CODE[variant]
+    b, m, d = update.shape
+    rows, dev = b * m, update.device
+    preact = preact.contiguous()
+    da = torch.empty((rows, ng * d), dtype=torch.float32, device=dev)
+    direct_u = torch.empty((rows, d), dtype=torch.float32, device=dev)
+    direct_s = torch.empty((rows, d), dtype=torch.float32, device=dev)
+    bm, bn, _, warps, stages = _config("gates", update.dtype, dev)
+    _bwd_gates_kernel[(triton.cdiv(rows, bm), triton.cdiv(d, bn))](
+        grad_new_state, preact, update, state, da, direct_u, direct_s, rows, m, d,
+        *grad_new_state.stride(), *update.stride(), *_state_strides(state),
+        NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    # unneeded gradients are distinct empty tensors (a custom op's outputs must not alias)
+    grad_u, grad_s = update.new_empty(0), update.new_empty(0)
+    grad_w = grad_b = None
+    bm, bn, bk, warps, stages = _config("dx", update.dtype, dev)
+    common = dict(NG=ng, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET, num_warps=warps,
+                  num_stages=stages)
+    if need_du:
+        grad_u = alloc((b, m, d), update.dtype, dev)
+        _bwd_dx_kernel[(triton.cdiv(rows, bm), triton.cdiv(d, bn))](
+            da, direct_u, weight, grad_u, rows, 1, d, 0, *weight.stride(), **common)
+    if need_ds:
+        shared = state.dim() == 2   # (m, d) shared by the batch: reduce over it in the kernel
+        r, nb = (m, b) if shared else (rows, 1)
+        grad_s = alloc(tuple(state.shape), state.dtype, dev)
+        _bwd_dx_kernel[(triton.cdiv(r, bm), triton.cdiv(d, bn))](
+            da, direct_s, weight, grad_s, r, nb, d, d, *weight.stride(), **common)
+    if need_dw or need_db:
+        bm, bn, bk, warps, stages = _config("dw", update.dtype, dev)
+        grad_w = alloc(tuple(weight.shape), weight.dtype, dev)
+        grad_b = alloc(tuple(bias.shape), bias.dtype, dev)
+        grid = (triton.cdiv(d, bk), triton.cdiv(ng * d, bn))
+        common = dict(NG=ng, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET,
+                      num_warps=warps, num_stages=stages)
+        _bwd_dw_kernel[grid](update, da, grad_w, grad_b, rows, m, d, *update.stride(), 0,
+                             DO_BIAS=True, **common)
+        _bwd_dw_kernel[grid](state, da, grad_w, grad_b, rows, m, d, *_state_strides(state), d,
+                             DO_BIAS=False, **common)
+    if not need_dw:
+        grad_w = update.new_empty(0)
+    if not need_db:
+        grad_b = update.new_empty(0)
+    return grad_u, grad_s, grad_w, grad_b
+
+
+# ---- ahead-of-time compile specs (tests/test_triton_aot.py compiles each for sm_80 and sm_90) ----
+
+def _aot_specs() -> list[dict]:
+    """One entry per kernel configuration the GPU path launches: the jit function, its
+    ``triton.compile`` signature (pointer/int types; constexprs by value) and launch options."""
+    specs = []
+    for dtype, tdt in SIG_DTYPE.items():
+        cls = "fp32" if dtype == torch.float32 else "16bit"
+        for variant, code in VARIANT_CODE.items():
+            ng = num_gates(variant)
+            bm, bn, bk, w, st = GPU_CONFIGS[("fwd", cls)]
+            specs.append(dict(
+                name=f"gpc_fwd_{variant}_{tdt}", fn=_fwd_kernel,
+                signature={"U": f"*{tdt}", "S": f"*{tdt}", "W": f"*{tdt}", "Bias": f"*{tdt}",
+                           "Out": f"*{tdt}", "A": "*fp32", "M": "i32", "m": "i32", "d": "i32",
+                           **{k: "i32" for k in ("su_b", "su_m", "su_d", "ss_b", "ss_m", "ss_d",
+                                                 "sw_k", "sw_n")}},
+                constexprs=dict(NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
+                num_warps=w, num_stages=st))
+            bm, bn, _, w, st = GPU_CONFIGS[("gates", cls)]
+            specs.append(dict(
+                name=f"gpc_bwd_gates_{variant}_{tdt}", fn=_bwd_gates_kernel,
+                signature={"G": f"*{tdt}", "A": "*fp32", "U": f"*{tdt}", "S": f"*{tdt}", "DA": "*fp32",
+                           "DU": "*fp32", "DS": "*fp32", "M": "i32", "m": "i32", "d": "i32",
+                           **{k: "i32" for k in ("sg_b", "sg_m", "sg_d", "su_b", "su_m", "su_d",
+                                                 "ss_b", "ss_m", "ss_d")}},
+                constexprs=dict(NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn),
+                num_warps=w, num_stages=st))
+        for ng in (1, 2, 3):
+            bm, bn, bk, w, st = GPU_CONFIGS[("dx", cls)]
+            specs.append(dict(
+                name=f"gpc_bwd_dx_g{ng}_{tdt}", fn=_bwd_dx_kernel,
+                signature={"DA": "*fp32", "Direct": "*fp32", "W": f"*{tdt}", "Out": f"*{tdt}",
+                           "R": "i32", "NB": "i32", "d": "i32", "w_off": "i32", "sw_k": "i32", "sw_n": "i32"},
+                constexprs=dict(NG=ng, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
+                num_warps=w, num_stages=st))
+            bm, bn, bk, w, st = GPU_CONFIGS[("dw", cls)]
+            for do_bias in (True, False):
+                specs.append(dict(
+                    name=f"gpc_bwd_dw_g{ng}_{'bias_' if do_bias else ''}{tdt}", fn=_bwd_dw_kernel,
+                    signature={"X": f"*{tdt}", "DA": "*fp32", "DW": f"*{tdt}", "DB": f"*{tdt}",
+                               "M": "i32", "m": "i32", "d": "i32", "sx_b": "i32", "sx_m": "i32",
+                               "sx_d": "i32", "w_off": "i32"},
+                    constexprs=dict(NG=ng, DO_BIAS=do_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                    INTERPRET=False),
+                    num_warps=w, num_stages=st))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
