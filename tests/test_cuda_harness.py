@@ -45,23 +45,67 @@ def backend(monkeypatch, lib):
     return _register(monkeypatch, lib)
 
 
-NO_GRAD = ("__forward_only__",)
+NO_GRAD = ("__forward_only__",)  # no input requires grad: forward only
 
-FWD_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("case", CORE_CASES, ids=[c.id() for c in CORE_CASES])
-def test_forward_core_cases(backend, case):
-    check_against_reference(case, torch.float32, backend=NAME, seed=1, grad_for=NO_GRAD)
+def test_core_cases_forward_and_backward(backend, case):
+    """Output, lse and all five gradients of DESIGN.md's shape list (float32)."""
+    check_against_reference(case, torch.float32, backend=NAME, seed=1)
 
 
-@pytest.mark.parametrize("dtype", FWD_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [
     Case(nq=37, nk=53, p=7, d=80, causal=True, padding="left"),
     Case(nq=19, nk=31, p=64, d=160, form="bank", b=3, t=2, hq=4, hkv=1),
 ], ids=lambda c: c.id() if isinstance(c, Case) else None)
-def test_forward_dtypes_and_head_dim_buckets(backend, case, dtype):
-    check_against_reference(case, dtype, backend=NAME, seed=2, grad_for=NO_GRAD)
+def test_dtypes_and_head_dim_buckets(backend, case, dtype):
+    """float16 / bfloat16 storage with float32 accumulation; D = 80 and 160 (buckets 128, 256)."""
+    check_against_reference(case, dtype, backend=NAME, seed=2)
+
+
+def test_lse_gradient(backend):
+    """A gradient flowing into the returned lse enters through delta."""
+    check_against_reference(Case(nq=19, nk=23, p=7, causal=True, padding="left"), torch.float32,
+                            backend=NAME, seed=5, use_lse_grad=True)
+
+
+@pytest.mark.parametrize("case", [Case(nq=19, nk=23, p=7, causal=True, padding="right"),
+                                  Case(nq=19, nk=23, p=7, form="bank", b=3, t=4, hq=4, hkv=1)],
+                         ids=lambda c: c.id())
+def test_prompt_only_backward(backend, case):
+    """q, k, v frozen: only the prefix gradients are computed (the dQ and sequence kernels are
+    not launched: their outputs come back empty), and they match the reference."""
+    check_against_reference(case, torch.float32, backend=NAME, seed=6,
+                            grad_for=("prefix_k", "prefix_v"))
+    torch.manual_seed(0)
+    b, hq, hkv, nq, nk, p, d = 2, 4, 2, 9, 11, 5, 16
+    q, k, v = torch.randn(b, hq, nq, d), torch.randn(b, hkv, nk, d), torch.randn(b, hkv, nk, d)
+    pk, pv = torch.randn(1, hkv, p, d), torch.randn(1, hkv, p, d)
+    out, lse = backend.prefix_attention_fwd(q, k, v, pk, pv, None, None, None, None, False, -1,
+                                            0.0, d ** -0.5, 0.0)
+    grads = backend.prefix_attention_bwd(torch.randn_like(out), None, q, k, v, pk, pv, None, None,
+                                         None, None, out, lse, False, -1, 0.0, d ** -0.5, 0.0,
+                                         [False, False, False, True, True])
+    assert [g.numel() for g in grads[:3]] == [0, 0, 0]
+    assert grads[3].shape == pk.shape and torch.isfinite(grads[3]).all()
+
+
+def test_unused_bank_rows_get_zero_gradient(backend):
+    torch.manual_seed(1)
+    b, hq, hkv, nq, nk, p, d, t = 2, 2, 1, 7, 9, 3, 8, 4
+    q, k, v = torch.randn(b, hq, nq, d), torch.randn(b, hkv, nk, d), torch.randn(b, hkv, nk, d)
+    pk, pv = torch.randn(t, hkv, p, d), torch.randn(t, hkv, p, d)
+    idx = torch.tensor([2, 0])
+    out, lse = backend.prefix_attention_fwd(q, k, v, pk, pv, idx, None, None, None, True, -1, 0.0,
+                                            d ** -0.5, 0.0)
+    grads = backend.prefix_attention_bwd(torch.randn_like(out), None, q, k, v, pk, pv, idx, None,
+                                         None, None, out, lse, True, -1, 0.0, d ** -0.5, 0.0,
+                                         [False, False, False, True, True])
+    for g in grads[3:]:
+        assert (g[[1, 3]] == 0).all() and (g[[0, 2]] != 0).any()
 
 
 def test_forward_non_contiguous_inputs(backend):

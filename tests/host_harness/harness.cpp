@@ -8,6 +8,7 @@
 //            prefix_v out grad_out attn_bias (4 each) and key_padding_mask (2)
 //   floats : softcap scale
 // dtype: 0 float32, 1 float16, 2 bfloat16.
+#include "prefix_attention_bwd.cuh"
 #include "prefix_attention_fwd.cuh"
 
 #include <exception>
@@ -57,12 +58,12 @@ ptk::AttnParams unpack(const void* const* ptrs, const int64_t* ints, const doubl
   return p;
 }
 
-template <template <typename> class Fn>
-int dispatch(int dtype, const ptk::AttnParams& p) {
+template <template <typename> class Fn, typename... Extra>
+int dispatch(int dtype, const ptk::AttnParams& p, Extra... extra) {
   try {
-    if (dtype == 0) Fn<float>::run(p);
-    else if (dtype == 1) Fn<__half>::run(p);
-    else if (dtype == 2) Fn<__nv_bfloat16>::run(p);
+    if (dtype == 0) Fn<float>::run(p, extra...);
+    else if (dtype == 1) Fn<__half>::run(p, extra...);
+    else if (dtype == 2) Fn<__nv_bfloat16>::run(p, extra...);
     else return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "harness: %s\n", e.what());
@@ -76,7 +77,16 @@ struct Fwd {
   static void run(const ptk::AttnParams& p) { ptk::launch_prefix_attention_fwd<T>(p, nullptr); }
 };
 
+template <typename T>
+struct Bwd {
+  static void run(const ptk::AttnParams& p, bool need_dq) { ptk::launch_prefix_attention_bwd<T>(p, need_dq, nullptr); }
+};
+
 }  // namespace
+
+extern "C" int ptk_attn_bwd(int dtype, const void* const* ptrs, const int64_t* ints, const double* floats, int need_dq) {
+  return dispatch<Bwd>(dtype, unpack(ptrs, ints, floats), need_dq != 0);
+}
 
 extern "C" int ptk_attn_fwd(int dtype, const void* const* ptrs, const int64_t* ints, const double* floats) {
   return dispatch<Fwd>(dtype, unpack(ptrs, ints, floats));

@@ -78,7 +78,7 @@ class HarnessBackend:
     # ---- prefix attention ----
     def _call(self, fn, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
               causal, window, softcap, scale, out=None, lse=None, grad_out=None, grad_lse=None,
-              delta=None, dq=None, dk=None, dv=None, dpk=None, dpv=None):
+              delta=None, dq=None, dk=None, dv=None, dpk=None, dpv=None, extra=()):
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         if prefix_k is None:
@@ -95,7 +95,7 @@ class HarnessBackend:
         ptr_arr = (ctypes.c_void_p * len(ptrs))(*[None if x is None else x.data_ptr() for x in ptrs])
         int_arr = (ctypes.c_int64 * len(ints))(*ints)
         flt_arr = (ctypes.c_double * 2)(float(softcap), float(scale))
-        rc = fn(ctypes.c_int(DTYPES[q.dtype]), ptr_arr, int_arr, flt_arr)
+        rc = fn(ctypes.c_int(DTYPES[q.dtype]), ptr_arr, int_arr, flt_arr, *extra)
         if rc != 0:
             raise RuntimeError(f"host harness call failed with code {rc}")
 
@@ -119,3 +119,33 @@ class HarnessBackend:
         self._call(self.lib.ptk_attn_fwd, q, k, v, prefix_k, prefix_v, prefix_index,
                    key_padding_mask, attn_bias, causal, window, softcap, scale, out=out, lse=lse)
         return out, lse
+
+    def prefix_attention_bwd(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,
+                             key_padding_mask, attn_bias, dropout_seed, out, lse, causal, window,
+                             softcap, scale, dropout_p, output_mask):
+        if dropout_p > 0:
+            raise NotImplementedError("dropout is not implemented by the CUDA kernels")
+        need_dq, need_dk, need_dv, need_dpk, need_dpv = (bool(x) for x in output_mask)
+        has_prefix = prefix_k is not None
+        need_dpk, need_dpv = need_dpk and has_prefix, need_dpv and has_prefix
+        key_padding_mask, attn_bias, prefix_index = self._norm(key_padding_mask, attn_bias, prefix_index)
+        # The kernels write every element of the gradients they compute; an empty problem
+        # (Nq == 0) computes nothing, so those start at zero rather than poisoned.
+        fill = 0.0 if q.shape[2] == 0 else float("nan")
+
+        def alloc(like, need):
+            return torch.full(like.shape, fill, dtype=like.dtype) if need else None
+
+        dq, dk, dv = alloc(q, need_dq), alloc(k, need_dk), alloc(v, need_dv)
+        dpk = alloc(prefix_k, need_dpk) if has_prefix else None
+        dpv = alloc(prefix_v, need_dpv) if has_prefix else None
+        if grad_lse is not None:
+            grad_lse = grad_lse.to(torch.float32).contiguous()
+        delta = torch.empty(q.shape[:-1], dtype=torch.float32)
+        self._call(self.lib.ptk_attn_bwd, q, k, v, prefix_k, prefix_v, prefix_index,
+                   key_padding_mask, attn_bias, causal, window, softcap, scale, out=out,
+                   lse=lse.to(torch.float32).contiguous(), grad_out=grad_out, grad_lse=grad_lse,
+                   delta=delta, dq=dq, dk=dk, dv=dv, dpk=dpk, dpv=dpv,
+                   extra=(ctypes.c_int(int(need_dq)),))
+        # a fresh empty tensor per unused gradient: custom-op outputs must not alias each other
+        return tuple(x if x is not None else q.new_empty(0) for x in (dq, dk, dv, dpk, dpv))
