@@ -1,0 +1,4 @@
+"""Model integrations: transformers (``patch_model``), PEFT interop and adapter files."""
+from ptkernels.integrations.transformers import patch_model, unpatch_model
+
+__all__ = ["patch_model", "unpatch_model"]

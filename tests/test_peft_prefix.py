@@ -1,0 +1,147 @@
+"""patch_model(peft_model): PEFT prefix tuning (with/without projection), prompt tuning and
+p-tuning give PEFT's logits, loss and prompt gradients with the prefix kept outside the cache."""
+import peft
+import pytest
+import torch
+
+import tiny_models as tm
+from ptkernels.integrations import patch_model, unpatch_model
+from ptkernels.integrations import transformers as tfi
+
+TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def _inputs(model_type, task, pad):
+    batch = tm.batch(model_type, pad=pad)
+    if task == "seq_cls":
+        batch["labels"] = torch.tensor([0, 2, 1])
+    elif task == "seq2seq":
+        batch["labels"] = batch.pop("decoder_input_ids")
+    else:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def _run(model, batch, task, prompt_len=0):
+    model.zero_grad()
+    out = model(**batch)
+    logits = out.logits
+    if task == "causal_lm":   # compare real (unpadded) query rows only
+        mask = batch["attention_mask"].bool()
+        if prompt_len:
+            mask = torch.cat([torch.ones(mask.shape[0], prompt_len, dtype=torch.bool), mask], 1)
+        logits = logits[mask]
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), out.loss.detach(), grads
+
+
+def _compare(ref, got):
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+    assert ref[2].keys() == got[2].keys()
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+CASES = [(mt, proj, pad) for mt in ("llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "opt",
+                                     "bert", "roberta", "t5", "bart")
+         for proj, pad in ((False, "left"), (True, "right"))]
+CASES += [(mt, False, "right") for mt in ("mistral", "qwen2", "phi3", "xlm-roberta")]
+
+
+@pytest.mark.parametrize("model_type,projection,pad", CASES)
+def test_prefix_tuning_matches_peft(model_type, projection, pad):
+    task = tm.default_task(model_type)
+    model = peft.get_peft_model(tm.make(model_type), peft.PrefixTuningConfig(
+        task_type=TASK_TYPE[task], num_virtual_tokens=5, prefix_projection=projection,
+        encoder_hidden_size=16))
+    model.train()   # tiny configs have dropout 0; the MLP path is the training path
+    batch = _inputs(model_type, task, pad)
+    ref = _run(model, batch, task)
+    patch_model(model, backend="eager")
+    got = _run(model, batch, task)
+    _compare(ref, got)
+    # only prompt parameters (and PEFT's seq-cls head copy) train
+    assert all(n.startswith("prompt_encoder") or "modules_to_save" in n for n in got[2])
+    unpatch_model(model)
+    _compare(ref, _run(model, batch, task))
+
+
+def test_prefix_not_in_cache_and_no_batch_copy():
+    model = peft.get_peft_model(tm.make("llama"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5))
+    patch_model(model, backend="eager")
+    batch = tm.batch("llama")
+    seen = []
+    orig = tfi.prefix_attention
+
+    def spy(q, k, v, pk=None, pv=None, **kw):
+        seen.append((tuple(k.shape), None if pk is None else tuple(pk.shape)))
+        return orig(q, k, v, pk, pv, **kw)
+    tfi.prefix_attention = spy
+    try:
+        out = model(**batch, use_cache=True)
+    finally:
+        tfi.prefix_attention = orig
+    n = batch["input_ids"].shape[1]
+    assert seen and all(k[2] == n and pk == (2, 5, 8) for k, pk in seen)   # shared (Hkv, P, D)
+    assert out.past_key_values.get_seq_length() == n
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "t5"])
+def test_generate_matches_peft(model_type):
+    task = tm.default_task(model_type)
+    model = peft.get_peft_model(tm.make(model_type), peft.PrefixTuningConfig(
+        task_type=TASK_TYPE[task], num_virtual_tokens=5))
+    batch = tm.batch(model_type, pad="left")
+    batch.pop("decoder_input_ids", None)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    ref = model.generate(**batch, **kw)
+    patch_model(model, backend="eager")
+    got = model.generate(**batch, **kw)
+    assert torch.equal(ref.sequences, got.sequences)
+    for a, b in zip(ref.scores, got.scores):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_input_prompts_match_peft(method, model_type):
+    task = tm.default_task(model_type)
+    if method == "prompt":
+        cfg = peft.PromptTuningConfig(task_type=TASK_TYPE[task], num_virtual_tokens=4)
+    else:
+        cfg = peft.PromptEncoderConfig(task_type=TASK_TYPE[task], num_virtual_tokens=4,
+                                       encoder_hidden_size=16)
+    model = peft.get_peft_model(tm.make(model_type), cfg)
+    batch = _inputs(model_type, task, "left")
+    ref = _run(model, batch, task, prompt_len=4)
+    patch_model(model, backend="eager")
+    assert model.get_base_model().config._attn_implementation == tfi.ATTN_NAME
+    _compare(ref, _run(model, batch, task, prompt_len=4))
+    unpatch_model(model)
+    assert model.get_base_model().config._attn_implementation == "eager"
+
+
+def test_peft_config_that_does_not_fit_leaves_model_untouched():
+    model = peft.get_peft_model(tm.make("llama"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5))
+    model.active_peft_config.num_layers = 3
+    with pytest.raises(ValueError, match="does not fit the model"):
+        patch_model(model)
+    base = model.get_base_model()
+    assert base.config._attn_implementation == "eager"
+    assert tfi.get_state(base) is None
+    assert "forward" not in model.__dict__
+
+
+def test_peft_patch_twice_errors():
+    model = peft.get_peft_model(tm.make("gpt2"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3))
+    patch_model(model)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model)
+    unpatch_model(model)
+    assert "forward" not in model.__dict__
