@@ -1,0 +1,173 @@
+"""patch_model(model, config): ptkernels' own prompt modules on a frozen model.
+
+References: PEFT with the same prompt values (prefix tuning, prompt tuning), an eager Global
+Prompt Cell loop written out layer by layer, single-task runs for mixed-task batches."""
+import peft
+import pytest
+import torch
+
+import ptkernels
+import tiny_models as tm
+from ptkernels.integrations import patch_model, unpatch_model
+from ptkernels.integrations import transformers as tfi
+from ptkernels.prompts import kv_to_peft
+
+TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def _labels(model_type, task, batch):
+    if task == "seq_cls":
+        batch["labels"] = torch.tensor([0, 2, 1])
+    elif task == "seq2seq":
+        batch["labels"] = batch.pop("decoder_input_ids")
+    else:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def _real_rows(logits, batch, task, extra=0):
+    if task != "causal_lm":
+        return logits
+    mask = batch["attention_mask"].bool()
+    return logits[torch.cat([torch.ones(mask.shape[0], extra, dtype=torch.bool), mask], 1)]
+
+
+@pytest.mark.parametrize("model_type,pad", [("llama", "left"), ("gpt2", "right"), ("opt", "left"),
+                                            ("bert", "right"), ("roberta", "left"),
+                                            ("qwen3", "right"), ("bart", "right")])
+def test_prefix_config_matches_peft(model_type, pad):
+    task = tm.default_task(model_type)
+    site = "decoder" if model_type in tm.SEQ2SEQ else "self"
+    ours = tm.make(model_type)
+    cfg = ptkernels.PrefixTuningConfig(num_virtual_tokens=5,
+                                       sites=[site] if site != "self" else None)
+    patch_model(ours, cfg, backend="eager")
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        f"ptk_prompts.encoders.{site}.prefix"]
+    ref = peft.get_peft_model(tm.make(model_type), peft.PrefixTuningConfig(
+        task_type=TASK_TYPE[task], num_virtual_tokens=5))
+    flat = ours.ptk_prompts.to_peft_embeddings(site)
+    if site == "decoder":   # PEFT's seq2seq layout: decoder layer i reads PEFT layer (2i mod L)
+        prefix = ours.ptk_prompts.encoders[site].prefix
+        layers = prefix.shape[0]
+        with torch.no_grad():
+            prefix.copy_(prefix[[(2 * i) % layers for i in range(layers)]].clone())
+        flat = ours.ptk_prompts.to_peft_embeddings(site)
+    with torch.no_grad():
+        ref.prompt_encoder.default.embedding.weight.copy_(flat)
+    batch = _labels(model_type, task, tm.batch(model_type, pad=pad))
+    out_ref = ref(**batch)
+    out = ours(**batch)
+    torch.testing.assert_close(_real_rows(out.logits, batch, task),
+                               _real_rows(out_ref.logits, batch, task), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    if site == "self":
+        g = kv_to_peft(ours.ptk_prompts.encoders[site].prefix.grad[:, :, 0])
+        torch.testing.assert_close(g, ref.prompt_encoder.default.embedding.weight.grad,
+                                   atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_prompt_tuning_config_matches_peft(model_type):
+    task = tm.default_task(model_type)
+    ours = tm.make(model_type)
+    patch_model(ours, ptkernels.PromptTuningConfig(num_virtual_tokens=4), backend="eager")
+    ref = peft.get_peft_model(tm.make(model_type), peft.PromptTuningConfig(
+        task_type=TASK_TYPE[task], num_virtual_tokens=4))
+    with torch.no_grad():
+        ref.prompt_encoder.default.embedding.weight.copy_(ours.ptk_prompts.prompts[0])
+    batch = _labels(model_type, task, tm.batch(model_type, pad="left"))
+    out, out_ref = ours(**batch), ref(**batch)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    torch.testing.assert_close(ours.ptk_prompts.prompts.grad[0],
+                               ref.prompt_encoder.default.embedding.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_gpc_matches_layer_by_layer_reference():
+    model = tm.make("bert")
+    patch_model(model, ptkernels.PromptTuningConfig(num_virtual_tokens=3, gpc=ptkernels.GPCConfig()),
+                backend="eager")
+    mod = model.ptk_prompts
+    with torch.no_grad():   # a gate that actually mixes
+        mod.gpc.weight.normal_(0, 0.2)
+    batch = tm.batch("bert", pad="right")
+    got = model(**batch).logits
+
+    ref_model = tm.make("bert")
+    b, m = batch["input_ids"].shape[0], 3
+    prompts = mod.prompts[0].expand(b, -1, -1)
+    embeds = ref_model.bert.embeddings.word_embeddings(batch["input_ids"])
+    h = ref_model.bert.embeddings(inputs_embeds=torch.cat([prompts, embeds], 1))
+    mask = torch.cat([torch.ones(b, m, dtype=torch.long), batch["attention_mask"]], 1)
+    ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    state = prompts
+    w, bias = mod.gpc.weight, mod.gpc.bias
+    d = h.shape[-1]
+    for layer in ref_model.bert.encoder.layer:
+        out = layer(h, attention_mask=ext)
+        h = out[0] if isinstance(out, tuple) else out
+        u = h[:, :m]
+        a = torch.cat([u, state], -1) @ w + bias
+        state = torch.sigmoid(a[..., :d]) * state + torch.sigmoid(a[..., d:]) * u
+        h = torch.cat([state, h[:, m:]], 1)
+    pooled = ref_model.bert.pooler(h)
+    ref = ref_model.classifier(pooled)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_task_bank_rows_equal_single_task_runs():
+    model = tm.make("llama")
+    patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=4, num_tasks=3),
+                backend="eager")
+    batch = tm.batch("llama", pad="right")
+    task_ids = torch.tensor([2, 0, 2])
+    mixed = model(**batch, task_ids=task_ids).logits
+    for t in range(3):
+        rows = (task_ids == t).nonzero().flatten()
+        if len(rows):
+            one = model(**batch, task_ids=torch.full((3,), t)).logits
+            torch.testing.assert_close(mixed[rows], one[rows], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="task_ids"):
+        model(**batch)
+
+
+def test_p_tuning_v2_keeps_head_trainable_and_unpatch_restores():
+    model = tm.make("bert")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    impl = model.config._attn_implementation
+    patch_model(model, ptkernels.PTuningV2Config(num_virtual_tokens=4, prefix_dropout=0.0),
+                backend="eager")
+    train = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert train == ["classifier.bias", "classifier.weight", "ptk_prompts.encoders.self.prefix"]
+    unpatch_model(model)
+    assert not hasattr(model, "ptk_prompts") and "forward" not in model.__dict__
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert model.config._attn_implementation == impl
+
+
+def test_words_init_uses_captured_kv():
+    model = tm.make("gpt2")
+    ids = [5, 9, 11]
+    patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=3, init="words",
+                                                    init_token_ids=ids), backend="eager")
+    state = tfi.get_state(model)
+    k, v = tfi.capture_kv(model, state, torch.tensor(ids))["self"]
+    prefix = model.ptk_prompts.encoders["self"].raw()
+    torch.testing.assert_close(prefix[:, 0, 0], k)
+    torch.testing.assert_close(prefix[:, 1, 0], v)
+
+
+def test_bad_config_leaves_model_untouched():
+    model = tm.make("llama")
+    with pytest.raises(ValueError, match="sites"):
+        patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=4, sites=["cross"]))
+    assert tfi.get_state(model) is None and not hasattr(model, "ptk_prompts")
+    assert model.config._attn_implementation == "eager"
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="positions"):
+        patch_model(tm.make("gpt2"), ptkernels.PrefixTuningConfig(num_virtual_tokens=200))
