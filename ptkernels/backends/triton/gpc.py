@@ -1,6 +1,7 @@
 """Triton kernels of ``ptkernels.gpc_cell``: the Global Prompt Cell's gated update.
 
 Shapes: U (B, m, d); S (B, m, d) or (m, d) (a batch stride of 0 shares it); W (2d, G*d); b (G*d,);
+any outer strides, unit last stride (the wrappers copy otherwise);
 G = number of gates (lstm 2, candidate 3, gru 1, reinject 2; blocks in ``eager_gpc`` order).
 Rows are flattened, M = B*m; row r reads S at ((r // m) * stride_b + (r % m) * stride_m).
 
@@ -39,14 +40,14 @@ VARIANT_CODE = {"lstm": 0, "candidate": 1, "gru": 2, "reinject": 3}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel and dtype class, on the GPU. The
 # interpreter uses one small config (programs run one at a time in Python there).
 GPU_CONFIGS = {
-    ("fwd", "16bit"): (64, 64, 32, 4, 3),
-    ("fwd", "fp32"): (64, 32, 32, 4, 2),
+    ("fwd", "16bit"): (64, 32, 32, 4, 3),
+    ("fwd", "fp32"): (32, 32, 16, 4, 2),   # tf32x3 splits operands: BLOCK_K 32 spills
     ("dx", "16bit"): (64, 32, 32, 4, 2),
     ("dx", "fp32"): (64, 32, 32, 4, 2),
     ("dw", "16bit"): (32, 32, 64, 4, 2),
     ("dw", "fp32"): (32, 32, 64, 4, 2),
-    ("gates", "16bit"): (64, 64, 0, 4, 1),
-    ("gates", "fp32"): (64, 64, 0, 4, 1),
+    ("gates", "16bit"): (32, 64, 0, 4, 1),
+    ("gates", "fp32"): (32, 64, 0, 4, 1),
 }
 INTERPRET_CONFIG = {"fwd": (32, 32, 32, 4, 1), "dx": (32, 32, 32, 4, 1), "dw": (32, 32, 32, 4, 1),
                     "gates": (32, 64, 0, 4, 1)}
@@ -77,7 +78,7 @@ def _row_offsets(rows, m, stride_b, stride_m):
 @triton.jit
 def _fwd_kernel(U, S, W, Bias, Out, A,
                 M, m, d,
-                su_b, su_m, su_d, ss_b, ss_m, ss_d, sw_k, sw_n,
+                su_b, su_m, ss_b, ss_m, sw_k,
                 NG: tl.constexpr, VARIANT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 INTERPRET: tl.constexpr):
@@ -97,19 +98,19 @@ def _fwd_kernel(U, S, W, Bias, Out, A,
         kmask = ks < d
         xm = rmask[:, None] & kmask[None, :]
         wm = kmask[:, None] & cmask[None, :]
-        u = tl.load(U + u_row[:, None] + ks[None, :] * su_d, mask=xm, other=0.0)
-        s = tl.load(S + s_row[:, None] + ks[None, :] * ss_d, mask=xm, other=0.0)
+        u = tl.load(U + u_row[:, None] + ks[None, :], mask=xm, other=0.0)
+        s = tl.load(S + s_row[:, None] + ks[None, :], mask=xm, other=0.0)
         # K-half 1: U against W[:d]; K-half 2: S against W[d:]
-        wu = W + ks[:, None] * sw_k + cols[None, :] * sw_n
+        wu = W + ks[:, None] * sw_k + cols[None, :]
         ws = wu + d * sw_k
         acc0 = mma(u, tl.load(wu, mask=wm, other=0.0), acc0, INTERPRET)
         acc0 = mma(s, tl.load(ws, mask=wm, other=0.0), acc0, INTERPRET)
         if NG >= 2:
-            acc1 = mma(u, tl.load(wu + d * sw_n, mask=wm, other=0.0), acc1, INTERPRET)
-            acc1 = mma(s, tl.load(ws + d * sw_n, mask=wm, other=0.0), acc1, INTERPRET)
+            acc1 = mma(u, tl.load(wu + d, mask=wm, other=0.0), acc1, INTERPRET)
+            acc1 = mma(s, tl.load(ws + d, mask=wm, other=0.0), acc1, INTERPRET)
         if NG >= 3:
-            acc2 = mma(u, tl.load(wu + 2 * d * sw_n, mask=wm, other=0.0), acc2, INTERPRET)
-            acc2 = mma(s, tl.load(ws + 2 * d * sw_n, mask=wm, other=0.0), acc2, INTERPRET)
+            acc2 = mma(u, tl.load(wu + 2 * d, mask=wm, other=0.0), acc2, INTERPRET)
+            acc2 = mma(s, tl.load(ws + 2 * d, mask=wm, other=0.0), acc2, INTERPRET)
 
     om = rmask[:, None] & cmask[None, :]
     acc0 += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -117,8 +118,8 @@ def _fwd_kernel(U, S, W, Bias, Out, A,
         acc1 += tl.load(Bias + d + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if NG >= 3:
         acc2 += tl.load(Bias + 2 * d + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    u = tl.load(U + u_row[:, None] + cols[None, :] * su_d, mask=om, other=0.0).to(tl.float32)
-    s = tl.load(S + s_row[:, None] + cols[None, :] * ss_d, mask=om, other=0.0).to(tl.float32)
+    u = tl.load(U + u_row[:, None] + cols[None, :], mask=om, other=0.0).to(tl.float32)
+    s = tl.load(S + s_row[:, None] + cols[None, :], mask=om, other=0.0).to(tl.float32)
     if VARIANT == 0:      # lstm: sigmoid(f) * S + sigmoid(r) * U
         new = _sigmoid(acc0) * s + _sigmoid(acc1) * u
     elif VARIANT == 1:    # candidate: sigmoid(f) * S + sigmoid(r) * tanh(c)
@@ -141,7 +142,7 @@ def _fwd_kernel(U, S, W, Bias, Out, A,
 @triton.jit
 def _bwd_gates_kernel(G, A, U, S, DA, DU, DS,
                       M, m, d,
-                      sg_b, sg_m, sg_d, su_b, su_m, su_d, ss_b, ss_m, ss_d,
+                      sg_b, sg_m, su_b, su_m, ss_b, ss_m,
                       NG: tl.constexpr, VARIANT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -149,11 +150,11 @@ def _bwd_gates_kernel(G, A, U, S, DA, DU, DS,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     om = (rows < M)[:, None] & (cols < d)[None, :]
-    g = tl.load(G + _row_offsets(rows, m, sg_b, sg_m)[:, None] + cols[None, :] * sg_d,
+    g = tl.load(G + _row_offsets(rows, m, sg_b, sg_m)[:, None] + cols[None, :],
                 mask=om, other=0.0).to(tl.float32)
-    u = tl.load(U + _row_offsets(rows, m, su_b, su_m)[:, None] + cols[None, :] * su_d,
+    u = tl.load(U + _row_offsets(rows, m, su_b, su_m)[:, None] + cols[None, :],
                 mask=om, other=0.0).to(tl.float32)
-    s = tl.load(S + _row_offsets(rows, m, ss_b, ss_m)[:, None] + cols[None, :] * ss_d,
+    s = tl.load(S + _row_offsets(rows, m, ss_b, ss_m)[:, None] + cols[None, :],
                 mask=om, other=0.0).to(tl.float32)
     a_off = rows[:, None] * (NG * d) + cols[None, :]
     x_off = rows[:, None] * d + cols[None, :]
@@ -186,8 +187,7 @@ def _bwd_gates_kernel(G, A, U, S, DA, DU, DS,
 
 @triton.jit
 def _bwd_dx_kernel(DA, Direct, W, Out,
-                   R, NB, d, w_off, sw_k, sw_n,
-                   NG: tl.constexpr,
+                   R, NB, d, w_off, sw_k, NG,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERPRET: tl.constexpr):
     """Out[r, c] = sum_{b < NB} Direct[b*R + r, c] + DA[b*R + r, :] @ W[w_off + c, :]^T."""
@@ -207,7 +207,7 @@ def _bwd_dx_kernel(DA, Direct, W, Out,
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < n
             da = tl.load(DA + brow[:, None] * n + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wt = tl.load(W + (w_off + cols)[None, :] * sw_k + ks[:, None] * sw_n,
+            wt = tl.load(W + (w_off + cols)[None, :] * sw_k + ks[:, None],
                          mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             acc = mma(da, wt, acc, INTERPRET)
     tl.store(Out + rows[:, None] * d + cols[None, :], acc.to(Out.dtype.element_ty), mask=om)
@@ -215,8 +215,7 @@ def _bwd_dx_kernel(DA, Direct, W, Out,
 
 @triton.jit
 def _bwd_dw_kernel(X, DA, DW, DB,
-                   M, m, d, sx_b, sx_m, sx_d, w_off,
-                   NG: tl.constexpr, DO_BIAS: tl.constexpr,
+                   M, m, d, sx_b, sx_m, w_off, NG, DO_BIAS,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERPRET: tl.constexpr):
     """DW[w_off + k, c] = sum_r X[r, k] * DA[r, c]; DB[c] = sum_r DA[r, c] (DO_BIAS, k-block 0).
@@ -233,28 +232,33 @@ def _bwd_dw_kernel(X, DA, DW, DB,
     for r0 in range(0, M, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        xt = tl.load(X + _row_offsets(rows, m, sx_b, sx_m)[None, :] + ks[:, None] * sx_d,
+        xt = tl.load(X + _row_offsets(rows, m, sx_b, sx_m)[None, :] + ks[:, None],
                      mask=kmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
         da = tl.load(DA + rows[:, None] * n + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         acc = mma(xt, da, acc, INTERPRET)
-        if DO_BIAS:
-            bias_acc += tl.sum(da, axis=0)
+        bias_acc += tl.sum(da, axis=0)   # cheap next to the GEMM; stored only where DO_BIAS
     tl.store(DW + (w_off + ks)[:, None] * n + cols[None, :], acc.to(DW.dtype.element_ty),
              mask=kmask[:, None] & cmask[None, :])
-    if DO_BIAS:
-        if pid_k == 0:
-            tl.store(DB + cols, bias_acc.to(DB.dtype.element_ty), mask=cmask)
+    if (DO_BIAS != 0) & (pid_k == 0):
+        tl.store(DB + cols, bias_acc.to(DB.dtype.element_ty), mask=cmask)
 
 
-def _state_strides(state: torch.Tensor) -> tuple[int, int, int]:
+def _state_strides(state: torch.Tensor) -> tuple[int, int]:
+    """(batch stride, row stride); 0 batch stride for an (m, d) state shared by the batch."""
     if state.dim() == 2:
-        return 0, state.stride(0), state.stride(1)
-    return tuple(state.stride())
+        return 0, state.stride(0)
+    return state.stride(0), state.stride(1)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """Kernels take any outer strides but a unit last stride (contiguous, vectorized rows)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def gpc_cell_fwd(update, state, weight, bias, variant):
     """(S' (B, m, d) in update's dtype, A (B, m, G*d) float32)."""
     ng, code = num_gates(variant), VARIANT_CODE[variant]
+    update, state, weight, bias = (_unit_last(x) for x in (update, state, weight, bias))
     b, m, d = update.shape
     rows = b * m
     out = alloc((b, m, d), update.dtype, update.device)
@@ -262,7 +266,7 @@ def gpc_cell_fwd(update, state, weight, bias, variant):
     bm, bn, bk, warps, stages = _config("fwd", update.dtype, update.device)
     grid = (triton.cdiv(rows, bm), triton.cdiv(d, bn))
     _fwd_kernel[grid](update, state, weight, bias, out, preact, rows, m, d,
-                      *update.stride(), *_state_strides(state), *weight.stride(),
+                      *update.stride()[:2], *_state_strides(state), weight.stride(0),
                       NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET,
                       num_warps=warps, num_stages=stages)
     return out, preact
@@ -271,6 +275,8 @@ def gpc_cell_fwd(update, state, weight, bias, variant):
 def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, output_mask):
     need_du, need_ds, need_dw, need_db = (bool(x) for x in output_mask)
     ng, code = num_gates(variant), VARIANT_CODE[variant]
+    update, state, weight = _unit_last(update), _unit_last(state), _unit_last(weight)
+    grad_new_state = _unit_last(grad_new_state)
     b, m, d = update.shape
     rows, dev = b * m, update.device
     preact = preact.contiguous()
@@ -280,36 +286,35 @@ def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, o
     bm, bn, _, warps, stages = _config("gates", update.dtype, dev)
     _bwd_gates_kernel[(triton.cdiv(rows, bm), triton.cdiv(d, bn))](
         grad_new_state, preact, update, state, da, direct_u, direct_s, rows, m, d,
-        *grad_new_state.stride(), *update.stride(), *_state_strides(state),
+        *grad_new_state.stride()[:2], *update.stride()[:2], *_state_strides(state),
         NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     # unneeded gradients are distinct empty tensors (a custom op's outputs must not alias)
     grad_u, grad_s = update.new_empty(0), update.new_empty(0)
     grad_w = grad_b = None
     bm, bn, bk, warps, stages = _config("dx", update.dtype, dev)
-    common = dict(NG=ng, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET, num_warps=warps,
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET, num_warps=warps,
                   num_stages=stages)
     if need_du:
         grad_u = alloc((b, m, d), update.dtype, dev)
         _bwd_dx_kernel[(triton.cdiv(rows, bm), triton.cdiv(d, bn))](
-            da, direct_u, weight, grad_u, rows, 1, d, 0, *weight.stride(), **common)
+            da, direct_u, weight, grad_u, rows, 1, d, 0, weight.stride(0), ng, **common)
     if need_ds:
         shared = state.dim() == 2   # (m, d) shared by the batch: reduce over it in the kernel
         r, nb = (m, b) if shared else (rows, 1)
         grad_s = alloc(tuple(state.shape), state.dtype, dev)
         _bwd_dx_kernel[(triton.cdiv(r, bm), triton.cdiv(d, bn))](
-            da, direct_s, weight, grad_s, r, nb, d, d, *weight.stride(), **common)
+            da, direct_s, weight, grad_s, r, nb, d, d, weight.stride(0), ng, **common)
     if need_dw or need_db:
         bm, bn, bk, warps, stages = _config("dw", update.dtype, dev)
         grad_w = alloc(tuple(weight.shape), weight.dtype, dev)
         grad_b = alloc(tuple(bias.shape), bias.dtype, dev)
         grid = (triton.cdiv(d, bk), triton.cdiv(ng * d, bn))
-        common = dict(NG=ng, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET,
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=INTERPRET,
                       num_warps=warps, num_stages=stages)
-        _bwd_dw_kernel[grid](update, da, grad_w, grad_b, rows, m, d, *update.stride(), 0,
-                             DO_BIAS=True, **common)
-        _bwd_dw_kernel[grid](state, da, grad_w, grad_b, rows, m, d, *_state_strides(state), d,
-                             DO_BIAS=False, **common)
+        _bwd_dw_kernel[grid](update, da, grad_w, grad_b, rows, m, d, *update.stride()[:2], 0, ng, 1, **common)
+        _bwd_dw_kernel[grid](state, da, grad_w, grad_b, rows, m, d, *_state_strides(state), d, ng, 0,
+                             **common)
     if not need_dw:
         grad_w = update.new_empty(0)
     if not need_db:
@@ -332,8 +337,7 @@ def _aot_specs() -> list[dict]:
                 name=f"gpc_fwd_{variant}_{tdt}", fn=_fwd_kernel,
                 signature={"U": f"*{tdt}", "S": f"*{tdt}", "W": f"*{tdt}", "Bias": f"*{tdt}",
                            "Out": f"*{tdt}", "A": "*fp32", "M": "i32", "m": "i32", "d": "i32",
-                           **{k: "i32" for k in ("su_b", "su_m", "su_d", "ss_b", "ss_m", "ss_d",
-                                                 "sw_k", "sw_n")}},
+                           **{k: "i32" for k in ("su_b", "su_m", "ss_b", "ss_m", "sw_k")}},
                 constexprs=dict(NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
                 num_warps=w, num_stages=st))
             bm, bn, _, w, st = GPU_CONFIGS[("gates", cls)]
@@ -341,28 +345,24 @@ def _aot_specs() -> list[dict]:
                 name=f"gpc_bwd_gates_{variant}_{tdt}", fn=_bwd_gates_kernel,
                 signature={"G": f"*{tdt}", "A": "*fp32", "U": f"*{tdt}", "S": f"*{tdt}", "DA": "*fp32",
                            "DU": "*fp32", "DS": "*fp32", "M": "i32", "m": "i32", "d": "i32",
-                           **{k: "i32" for k in ("sg_b", "sg_m", "sg_d", "su_b", "su_m", "su_d",
-                                                 "ss_b", "ss_m", "ss_d")}},
+                           **{k: "i32" for k in ("sg_b", "sg_m", "su_b", "su_m", "ss_b", "ss_m")}},
                 constexprs=dict(NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn),
                 num_warps=w, num_stages=st))
-        for ng in (1, 2, 3):
-            bm, bn, bk, w, st = GPU_CONFIGS[("dx", cls)]
-            specs.append(dict(
-                name=f"gpc_bwd_dx_g{ng}_{tdt}", fn=_bwd_dx_kernel,
-                signature={"DA": "*fp32", "Direct": "*fp32", "W": f"*{tdt}", "Out": f"*{tdt}",
-                           "R": "i32", "NB": "i32", "d": "i32", "w_off": "i32", "sw_k": "i32", "sw_n": "i32"},
-                constexprs=dict(NG=ng, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
-                num_warps=w, num_stages=st))
-            bm, bn, bk, w, st = GPU_CONFIGS[("dw", cls)]
-            for do_bias in (True, False):
-                specs.append(dict(
-                    name=f"gpc_bwd_dw_g{ng}_{'bias_' if do_bias else ''}{tdt}", fn=_bwd_dw_kernel,
-                    signature={"X": f"*{tdt}", "DA": "*fp32", "DW": f"*{tdt}", "DB": f"*{tdt}",
-                               "M": "i32", "m": "i32", "d": "i32", "sx_b": "i32", "sx_m": "i32",
-                               "sx_d": "i32", "w_off": "i32"},
-                    constexprs=dict(NG=ng, DO_BIAS=do_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                    INTERPRET=False),
-                    num_warps=w, num_stages=st))
+        bm, bn, bk, w, st = GPU_CONFIGS[("dx", cls)]
+        specs.append(dict(
+            name=f"gpc_bwd_dx_{tdt}", fn=_bwd_dx_kernel,
+            signature={"DA": "*fp32", "Direct": "*fp32", "W": f"*{tdt}", "Out": f"*{tdt}", "R": "i32",
+                       "NB": "i32", "d": "i32", "w_off": "i32", "sw_k": "i32", "NG": "i32"},
+            constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
+            num_warps=w, num_stages=st))
+        bm, bn, bk, w, st = GPU_CONFIGS[("dw", cls)]
+        specs.append(dict(
+            name=f"gpc_bwd_dw_{tdt}", fn=_bwd_dw_kernel,
+            signature={"X": f"*{tdt}", "DA": "*fp32", "DW": f"*{tdt}", "DB": f"*{tdt}", "M": "i32",
+                       "m": "i32", "d": "i32", "sx_b": "i32", "sx_m": "i32",
+                       "w_off": "i32", "NG": "i32", "DO_BIAS": "i32"},
+            constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
+            num_warps=w, num_stages=st))
     return specs
 
 
