@@ -27,12 +27,15 @@ constexpr int kThreads = kRows * kTPR;
 
 template <int DMAX>
 struct Tiles {
-  static constexpr int BN = DMAX >= 256 ? 16 : (DMAX >= 128 ? 32 : 64);  // the other side's tile
+  static constexpr int BN = DMAX >= 256 ? 16 : (DMAX >= 128 ? 32 : 64);  // key tile of the dQ kernel
+  static constexpr int BQ = DMAX >= 256 ? 16 : 32;  // query tile of the dK/dV kernel (64 spills at D=64)
   static constexpr int LD = DMAX + 1;
   // dQ: sQ, sDO (kRows x DMAX), sK, sV (BN x LD), sDS (kRows x BN)
   static constexpr size_t dq_smem_bytes = (2 * kRows * DMAX + 2 * BN * LD + kRows * BN) * sizeof(float);
-  // dK/dV: sK, sV (kRows x DMAX), sQ, sDO (BN x LD), sP, sDS (kRows x BN), lse, delta (BN)
-  static constexpr size_t kv_smem_bytes = (2 * kRows * DMAX + 2 * BN * LD + 2 * kRows * BN + 2 * BN) * sizeof(float);
+  // dK/dV: sK, sV (kRows x DMAX), sQ, sDO (BQ x LD), sP, sDS (kRows x BQ), lse, delta (BQ)
+  static constexpr size_t kv_smem_bytes = (2 * kRows * DMAX + 2 * BQ * LD + 2 * kRows * BQ + 2 * BQ) * sizeof(float);
+  // 99 KiB: the opt-in limit of sm_86/sm_89 (sm_80: 163 KiB, sm_90: 227 KiB)
+  static_assert(dq_smem_bytes <= 99 * 1024 && kv_smem_bytes <= 99 * 1024, "backward tile does not fit in shared memory");
 };
 
 // P and dS of one (query, key) pair. lse = -inf (a row that sees nothing) gives P = 0.
@@ -104,18 +107,17 @@ __device__ __forceinline__ void dq_key_tile(const AttnParams& p, const KeySegmen
   }
   __syncwarp();
   const int n_valid = seg.n - kt < BN ? seg.n - kt : BN;
+  for (int kk = 0; kk < n_valid; ++kk) {
+    const float ds = sDSrow[kk];
+    const float* krow = sK + kk * TL::LD + lane8;
 #pragma unroll
-  for (int j = 0; j < DMAX / kTPR; ++j) {
-    const int c = lane8 + j * kTPR;
-    float a = acc[j];
-    for (int kk = 0; kk < n_valid; ++kk) a = fmaf(sDSrow[kk], sK[kk * TL::LD + c], a);
-    acc[j] = a;
+    for (int j = 0; j < DMAX / kTPR; ++j) acc[j] = fmaf(ds, krow[j * kTPR], acc[j]);
   }
 }
 
 // grid (ceil(Nq / 16), B * Hq), block 128.
 template <typename T, int DMAX>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttnParams p) {
   using TL = Tiles<DMAX>;
   constexpr int CPT = DMAX / kTPR;
   PTK_DYNAMIC_SMEM(float, smem);
@@ -177,7 +179,7 @@ __device__ __forceinline__ void kv_query_tile(const AttnParams& p, int it, int b
                                               float* sDO, float* sLse, float* sDelta, float* sP, float* sDS,
                                               float (&acc_k)[DMAX / kTPR], float (&acc_v)[DMAX / kTPR]) {
   using TL = Tiles<DMAX>;
-  constexpr int BN = TL::BN;
+  constexpr int BN = TL::BQ;
   const int r = threadIdx.x / kTPR, lane8 = threadIdx.x % kTPR;
   const int key = j0 + r;
   const bool key_ok = key < n_keys;
@@ -207,26 +209,25 @@ __device__ __forceinline__ void kv_query_tile(const AttnParams& p, int it, int b
   }
   __syncwarp();
   const int n_valid = p.Nq - it < BN ? p.Nq - it : BN;
+  for (int x = 0; x < n_valid; ++x) {
+    const float pr = sP[r * BN + x], ds = sDS[r * BN + x];
+    const float* dorow = sDO + x * TL::LD + lane8;
+    const float* qrow = sQ + x * TL::LD + lane8;
 #pragma unroll
-  for (int j = 0; j < DMAX / kTPR; ++j) {
-    const int c = lane8 + j * kTPR;
-    float ak = acc_k[j], av = acc_v[j];
-    for (int x = 0; x < n_valid; ++x) {
-      av = fmaf(sP[r * BN + x], sDO[x * TL::LD + c], av);
-      ak = fmaf(sDS[r * BN + x], sQ[x * TL::LD + c], ak);
+    for (int j = 0; j < DMAX / kTPR; ++j) {
+      acc_v[j] = fmaf(pr, dorow[j * kTPR], acc_v[j]);
+      acc_k[j] = fmaf(ds, qrow[j * kTPR], acc_k[j]);
     }
-    acc_k[j] = ak;
-    acc_v[j] = av;
   }
 }
 
 // PREFIX = false: grid (ceil(Nk / 16), B * Hkv). PREFIX = true: grid (ceil(P / 16), Hkv, T).
 // block 128, dynamic smem Tiles<DMAX>::kv_smem_bytes.
 template <typename T, int DMAX, bool PREFIX>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttnParams p) {
   using TL = Tiles<DMAX>;
   constexpr int CPT = DMAX / kTPR;
-  constexpr int BN = TL::BN;
+  constexpr int BN = TL::BQ;
   PTK_DYNAMIC_SMEM(float, smem);
   float* sK = smem;
   float* sV = sK + kRows * DMAX;

@@ -24,6 +24,8 @@ struct Tiles {
   static constexpr int LDK = DMAX + 1;  // padded: lanes of a row group read different key rows
   static constexpr size_t smem_floats = kBM * DMAX + BN * LDK + BN * DMAX + kBM * BN;
   static constexpr size_t smem_bytes = smem_floats * sizeof(float);
+  // 99 KiB: the opt-in limit of sm_86/sm_89 (sm_80: 163 KiB, sm_90: 227 KiB)
+  static_assert(smem_bytes <= 99 * 1024, "forward tile does not fit in shared memory");
 };
 
 // Online-softmax state of one query row, held by the 8 threads of its row group.
@@ -77,17 +79,20 @@ __device__ __forceinline__ void process_key_tile(const AttnParams& p, const KeyS
   __syncwarp();  // the row's probabilities were written by the 8 lanes of this warp
   const int n_valid = seg.n - kt < BN ? seg.n - kt : BN;
 #pragma unroll
-  for (int j = 0; j < DMAX / kTPR; ++j) {
-    const int c = lane8 + j * kTPR;
-    float a = st.acc[j] * alpha;
-    for (int kk = 0; kk < n_valid; ++kk) a = fmaf(sProw[kk], sV[kk * DMAX + c], a);
-    st.acc[j] = a;
+  for (int j = 0; j < DMAX / kTPR; ++j) st.acc[j] *= alpha;
+  // key-outer, column-inner: one probability load per key, a register-resident accumulator row
+  // (columns >= D hold zeros in sV, so no guard is needed)
+  for (int kk = 0; kk < n_valid; ++kk) {
+    const float pk = sProw[kk];
+    const float* vrow = sV + kk * DMAX + lane8;
+#pragma unroll
+    for (int j = 0; j < DMAX / kTPR; ++j) st.acc[j] = fmaf(pk, vrow[j * kTPR], st.acc[j]);
   }
 }
 
 // grid (ceil(Nq / 16), B * Hq), block 128, dynamic smem Tiles<DMAX>::smem_bytes.
 template <typename T, int DMAX>
-__global__ void __launch_bounds__(kThreads) prefix_attention_fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) prefix_attention_fwd_kernel(const AttnParams p) {
   using TL = Tiles<DMAX>;
   constexpr int CPT = DMAX / kTPR;
   PTK_DYNAMIC_SMEM(float, smem);
