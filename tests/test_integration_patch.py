@@ -8,7 +8,7 @@ import tiny_models as tm
 from ptkernels.integrations import patch_model, unpatch_model
 from ptkernels.integrations import transformers as tfi
 
-PATCHABLE = tuple(m for m in tm.ALL if m != "deberta-v2")
+PATCHABLE = tm.ALL
 
 
 def _logits(model, batch, task):
@@ -18,15 +18,21 @@ def _logits(model, batch, task):
     return out
 
 
-@pytest.mark.parametrize("pad", ["left", "right"])
-@pytest.mark.parametrize("model_type", PATCHABLE)
+# deberta-v2 also masks padded *query* rows (eager: a uniform softmax over all-masked rows,
+# ptkernels: 0), so its [CLS] at a left pad differs by construction: right padding only.
+PAD_CASES = [(m, pad) for m in PATCHABLE for pad in ("left", "right")
+             if not (m == "deberta-v2" and pad == "left")]
+
+
+@pytest.mark.parametrize("model_type,pad", PAD_CASES)
 def test_patched_equals_unpatched(model_type, pad):
     model = tm.make(model_type)
     task = tm.default_task(model_type)
     batch = tm.batch(model_type, pad=pad)
     ref = _logits(model, batch, task)
     patch_model(model, backend="eager")
-    assert model.config._attn_implementation == tfi.ATTN_NAME
+    if not tfi.get_state(model).arch.bespoke:
+        assert model.config._attn_implementation == tfi.ATTN_NAME
     out = _logits(model, batch, task)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     unpatch_model(model)
@@ -35,7 +41,7 @@ def test_patched_equals_unpatched(model_type, pad):
     torch.testing.assert_close(_logits(model, batch, task), ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert", "t5", "bart", "opt"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert", "t5", "bart", "opt", "deberta-v2"])
 def test_patched_gradients_of_trainable_model(model_type):
     model = tm.make(model_type).train()   # dropout is 0 in the tiny configs
     task = tm.default_task(model_type)

@@ -171,3 +171,49 @@ def test_bad_config_leaves_model_untouched():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="positions"):
         patch_model(tm.make("gpt2"), ptkernels.PrefixTuningConfig(num_virtual_tokens=200))
+
+
+def _deberta_eager_prefix(pk, pv):
+    """P-Tuning v2's DeBERTa prefix as plain math: prefix keys get content scores only."""
+    def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                relative_pos=None, rel_embeddings=None):
+        b, n, _ = hidden_states.shape
+        heads, layer = self.num_attention_heads, self._ref_layer
+        q = self.transpose_for_scores(self.query_proj(hidden_states), heads)
+        k = self.transpose_for_scores(self.key_proj(hidden_states), heads)
+        v = self.transpose_for_scores(self.value_proj(hidden_states), heads)
+        d, p = q.shape[-1], pk.shape[-2]
+        scale = (d * 3) ** 0.5
+        rel = self.disentangled_attention_bias(q, k, relative_pos, rel_embeddings, 3)
+        pkl = pk[layer].expand(b, -1, -1, -1).reshape(b * heads, p, d)
+        pvl = pv[layer].expand(b, -1, -1, -1).reshape(b * heads, p, d)
+        scores = torch.cat([q @ pkl.transpose(1, 2) / scale, q @ k.transpose(1, 2) / scale + rel], -1)
+        keys = torch.cat([torch.ones(b, p, dtype=torch.bool),
+                          torch.diagonal(attention_mask[:, 0], dim1=-2, dim2=-1).bool()], 1)
+        scores = scores.view(b, heads, n, p + n).masked_fill(~keys[:, None, None, :], -1e30)
+        probs = scores.softmax(-1).view(b * heads, n, p + n)
+        out = probs @ torch.cat([pvl, v], 1)
+        return out.view(b, heads, n, d).permute(0, 2, 1, 3).reshape(b, n, heads * d), None
+    return forward
+
+
+def test_deberta_prefix_matches_eager_method(monkeypatch):
+    ours = tm.make("deberta-v2")
+    patch_model(ours, ptkernels.PTuningV2Config(num_virtual_tokens=4, prefix_dropout=0.0),
+                backend="eager")
+    prefix = ours.ptk_prompts.encoders["self"].prefix                   # (L, 2, 1, H, P, D)
+    pk = prefix[:, 0, 0].detach().clone().requires_grad_()
+    pv = prefix[:, 1, 0].detach().clone().requires_grad_()
+    ref = tm.make("deberta-v2")
+    for i, layer in enumerate(ref.deberta.encoder.layer):
+        layer.attention.self._ref_layer = i
+    cls = type(ref.deberta.encoder.layer[0].attention.self)
+    monkeypatch.setattr(cls, "forward", _deberta_eager_prefix(pk, pv))
+    batch = tm.batch("deberta-v2", pad="right")
+    batch["labels"] = torch.tensor([0, 2, 1])
+    out, out_ref = ours(**batch), ref(**batch)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    torch.testing.assert_close(prefix.grad[:, 0, 0], pk.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(prefix.grad[:, 1, 0], pv.grad, atol=1e-5, rtol=1e-4)

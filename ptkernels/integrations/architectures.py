@@ -82,6 +82,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("bert", ("BertSelfAttention",), _mha_heads, positions="bert"),
     Architecture("roberta", ("RobertaSelfAttention",), _mha_heads, positions="roberta"),
     Architecture("xlm-roberta", ("XLMRobertaSelfAttention",), _mha_heads, positions="roberta"),
+    Architecture("deberta-v2", ("DisentangledSelfAttention",), _mha_heads, positions=None,
+                 bespoke=True),
     Architecture("t5", ("T5Attention",), _t5_heads, _seq2seq_site, positions="t5",
                  is_encoder_decoder=True, num_layers_attr="num_layers"),
     Architecture("bart", ("BartAttention",), _bart_heads, _seq2seq_site, positions="bart",

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import types
 import weakref
 from typing import Any, Optional, Sequence
 
@@ -312,6 +313,48 @@ def _install_position_hooks(model, state):
 
 
 # ----------------------------------------------------------------------------------------------
+# Bespoke attention: deberta-v2 (its DisentangledSelfAttention never calls get_interface)
+# ----------------------------------------------------------------------------------------------
+
+def _deberta_forward(self, hidden_states, attention_mask, output_attentions=False,
+                     query_states=None, relative_pos=None, rel_embeddings=None):
+    """``DisentangledSelfAttention.forward`` through ``ptkernels_attention``.
+
+    The disentangled relative terms (c2p + p2c, already scaled) become ``attn_bias``; prefix
+    columns get no relative term (prefix keys have no position), as in P-Tuning v2's DeBERTa.
+    The (B, 1, n, n) mask DeBERTa builds is the outer product of the padding mask: its diagonal
+    is the key-padding mask. While the bias needs a gradient (training), the plain-math path runs
+    (see ``ptkernels_attention``).
+    """
+    if output_attentions:
+        raise ValueError("output_attentions=True needs eager attention; unpatch the model first")
+    q_in = hidden_states if query_states is None else query_states
+    b, n = q_in.shape[:2]
+    nk = hidden_states.shape[1]
+    heads = self.num_attention_heads
+    ql = self.transpose_for_scores(self.query_proj(q_in), heads)            # (B*H, n, d)
+    kl = self.transpose_for_scores(self.key_proj(hidden_states), heads)
+    vl = self.transpose_for_scores(self.value_proj(hidden_states), heads)
+    scale_factor = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
+    d = ql.shape[-1]
+    bias = None
+    if self.relative_attention:
+        rel = self.disentangled_attention_bias(ql, kl, relative_pos,
+                                               self.pos_dropout(rel_embeddings), scale_factor)
+        bias = rel.view(b, heads, n, nk)
+    kpm = None
+    if attention_mask is not None:
+        m = attention_mask
+        kpm = (torch.diagonal(m[:, 0], dim1=-2, dim2=-1) if m.dim() == 4 else m).bool()
+    out, _ = ptkernels_attention(self, ql.view(b, heads, n, d), kl.view(b, heads, nk, d),
+                                 vl.view(b, heads, nk, d), kpm,
+                                 scaling=1.0 / float((d * scale_factor) ** 0.5),
+                                 dropout=self.dropout.p if self.training else 0.0,
+                                 position_bias=bias)
+    return out.reshape(b, n, heads * d), None
+
+
+# ----------------------------------------------------------------------------------------------
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------
 
@@ -355,8 +398,10 @@ def patch_base(model, *, backend: str = "auto") -> PatchState:
                        sites=sites)
     try:
         if arch.bespoke:
-            from ptkernels.integrations import deberta
-            deberta.patch(model, state)
+            for mods in sites.values():
+                for mod in mods:
+                    mod.__dict__["forward"] = types.MethodType(_deberta_forward, mod)
+                    state.restore.append(functools.partial(mod.__dict__.pop, "forward", None))
         else:
             register()
             model.set_attn_implementation(ATTN_NAME)
