@@ -124,3 +124,15 @@ def test_failure_during_patch_rolls_back(monkeypatch):
     assert model.config._attn_implementation == "eager"
     assert tfi.get_state(model) is None
     assert not any(m in tfi._MODULE_INFO for m in model.modules())
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+def test_sliding_window_passed_to_kernel(model_type):
+    model = tm.make(model_type, sliding_window=3, use_sliding_window=True)
+    batch = tm.batch(model_type, pad="left")
+    real = batch["attention_mask"].bool()
+    ref = model(**batch).logits[real]
+    full = tm.make(model_type)(**batch).logits[real]
+    assert (ref - full).abs().max() > 1e-3   # the window matters at n = 7
+    patch_model(model, backend="eager")
+    torch.testing.assert_close(model(**batch).logits[real], ref, atol=1e-5, rtol=1e-5)

@@ -217,3 +217,19 @@ def test_deberta_prefix_matches_eager_method(monkeypatch):
     out_ref.loss.backward()
     torch.testing.assert_close(prefix.grad[:, 0, 0], pk.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(prefix.grad[:, 1, 0], pv.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_config_generate_matches_peft():
+    ours = tm.make("llama")
+    patch_model(ours, ptkernels.PrefixTuningConfig(num_virtual_tokens=5), backend="eager")
+    ref = peft.get_peft_model(tm.make("llama"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        ref.prompt_encoder.default.embedding.weight.copy_(ours.ptk_prompts.to_peft_embeddings("self"))
+    batch = tm.batch("llama", pad="left")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    r, o = ref.generate(**batch, **kw), ours.generate(**batch, **kw)
+    assert torch.equal(r.sequences, o.sequences)
+    for a, b in zip(r.scores, o.scores):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -50,10 +50,14 @@ CASES = [(mt, proj, pad) for mt in ("llama", "qwen3", "gemma2", "gpt2", "gpt_neo
 CASES += [(mt, False, "right") for mt in ("mistral", "qwen2", "phi3", "xlm-roberta")]
 
 
+CASES += [("llama:seq_cls", False, "left"), ("gpt2:seq_cls", True, "right")]
+
+
 @pytest.mark.parametrize("model_type,projection,pad", CASES)
 def test_prefix_tuning_matches_peft(model_type, projection, pad):
-    task = tm.default_task(model_type)
-    model = peft.get_peft_model(tm.make(model_type), peft.PrefixTuningConfig(
+    model_type, _, task = model_type.partition(":")
+    task = task or tm.default_task(model_type)
+    model = peft.get_peft_model(tm.make(model_type, task), peft.PrefixTuningConfig(
         task_type=TASK_TYPE[task], num_virtual_tokens=5, prefix_projection=projection,
         encoder_hidden_size=16))
     model.train()   # tiny configs have dropout 0; the MLP path is the training path
