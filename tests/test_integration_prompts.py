@@ -233,3 +233,27 @@ def test_prefix_config_generate_matches_peft():
     assert torch.equal(r.sequences, o.sequences)
     for a, b in zip(r.scores, o.scores):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_prefix_gradients_with_activation_checkpointing(model_type):
+    def prefix_grad(checkpointing):
+        model = tm.make(model_type)
+        patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=4), backend="eager")
+        model.train()
+        if checkpointing:   # recomputation runs in backward, after the forward's context ended
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**tm.batch(model_type, pad="right")).logits.square().mean().backward()
+        return model.ptk_prompts.encoders["self"].prefix.grad
+    torch.testing.assert_close(prefix_grad(True), prefix_grad(False), atol=1e-7, rtol=1e-4)
+
+
+def test_gpc_refuses_gradient_checkpointing():
+    model = tm.make("bert")
+    patch_model(model, ptkernels.PromptTuningConfig(num_virtual_tokens=3, gpc=ptkernels.GPCConfig()),
+                backend="eager")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(**tm.batch("bert"))

@@ -86,8 +86,16 @@ class PatchState:
     t5_bias: dict = dataclasses.field(default_factory=dict)   # site -> module with compute_bias
     extra: dict = dataclasses.field(default_factory=dict)     # owned by peft.py / prompt wrappers
 
+    last: Optional[PrefixContext] = None    # the latest forward's context (for recomputation)
+
     def context(self) -> Optional[PrefixContext]:
-        return self.stack[-1] if self.stack else None
+        if self.stack:
+            return self.stack[-1]
+        # Activation checkpointing recomputes layers inside backward, after the forward's
+        # context was popped: the recomputation must see the prefix that forward used.
+        if self.last is not None and torch._C._current_graph_task_id() != -1:
+            return self.last
+        return None
 
 
 def get_state(model) -> Optional[PatchState]:
@@ -101,6 +109,7 @@ def prefix_context(model, ctx: PrefixContext):
     if state is None:
         raise ValueError("prefix_context needs a model patched with ptkernels.patch_model")
     state.stack.append(ctx)
+    state.last = ctx
     try:
         yield ctx
     finally:
@@ -581,6 +590,10 @@ def _patch_with_prompts(model, config, *, backend):
         def forward(*args, task_ids=None, **kwargs):
             from ptkernels.prompts.bank import check_task_ids
             if module.kind == "input":
+                if module.gpc is not None and model.training and any(
+                        getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+                    raise ValueError("the Global Prompt Cell rewrites prompt rows between layers "
+                                     "and does not support gradient checkpointing; disable it")
                 new_kwargs = _prepend_prompts(module, state, args, kwargs, task_ids)
                 try:
                     return inner(**new_kwargs)
