@@ -149,3 +149,24 @@ def test_peft_patch_twice_errors():
         patch_model(model)
     unpatch_model(model)
     assert "forward" not in model.__dict__
+
+
+def test_trainer_steps_match_unpatched_peft(tmp_path):
+    import transformers
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(3, tm.VOCAB, (6,), generator=g),
+             "labels": torch.randint(3, tm.VOCAB, (6,), generator=g),
+             "attention_mask": torch.ones(6, dtype=torch.long)} for _ in range(4)]
+
+    def train(patched):
+        model = peft.get_peft_model(tm.make("llama"), peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3))
+        if patched:
+            patch_model(model, backend="eager")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=2,
+            report_to=[], use_cpu=True, save_strategy="no", learning_rate=0.1, seed=0,
+            disable_tqdm=True)
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+        return model.prompt_encoder.default.embedding.weight.detach()
+    torch.testing.assert_close(train(True), train(False), atol=1e-5, rtol=1e-5)

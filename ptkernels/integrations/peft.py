@@ -122,7 +122,7 @@ def patch_peft_model(peft_model, *, backend: str = "auto"):
                 with torch.no_grad(), _tf.prefix_context(base, _prefix_context(peft_model)):
                     return base.generate(*args, **kwargs)
 
-            functools.update_wrapper(forward, type(peft_model).forward)
+            functools.update_wrapper(forward, peft_model.forward)   # bound: no `self`
             peft_model.__dict__["forward"] = forward
             peft_model.__dict__["generate"] = generate
     except BaseException:
