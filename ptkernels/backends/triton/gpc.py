@@ -46,8 +46,8 @@ GPU_CONFIGS = {
     ("dx", "fp32"): (64, 32, 32, 4, 2),
     ("dw", "16bit"): (32, 32, 64, 4, 2),
     ("dw", "fp32"): (32, 32, 64, 4, 2),
-    ("gates", "16bit"): (32, 64, 0, 4, 1),
-    ("gates", "fp32"): (32, 64, 0, 4, 1),
+    ("gates", "16bit"): (32, 32, 0, 4, 1),
+    ("gates", "fp32"): (32, 32, 0, 4, 1),
 }
 INTERPRET_CONFIG = {"fwd": (32, 32, 32, 4, 1), "dx": (32, 32, 32, 4, 1), "dw": (32, 32, 32, 4, 1),
                     "gates": (32, 64, 0, 4, 1)}
@@ -142,9 +142,9 @@ def _fwd_kernel(U, S, W, Bias, Out, A,
 @triton.jit
 def _bwd_gates_kernel(G, A, U, S, DA, DU, DS,
                       M, m, d,
-                      sg_b, sg_m, su_b, su_m, ss_b, ss_m,
-                      NG: tl.constexpr, VARIANT: tl.constexpr,
+                      sg_b, sg_m, su_b, su_m, ss_b, ss_m, NG, VARIANT,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # NG and VARIANT are runtime values: one elementwise kernel (one AOT compile) per dtype
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,8 +286,8 @@ def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, o
     bm, bn, _, warps, stages = _config("gates", update.dtype, dev)
     _bwd_gates_kernel[(triton.cdiv(rows, bm), triton.cdiv(d, bn))](
         grad_new_state, preact, update, state, da, direct_u, direct_s, rows, m, d,
-        *grad_new_state.stride()[:2], *update.stride()[:2], *_state_strides(state),
-        NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        *grad_new_state.stride()[:2], *update.stride()[:2], *_state_strides(state), ng, code,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     # unneeded gradients are distinct empty tensors (a custom op's outputs must not alias)
     grad_u, grad_s = update.new_empty(0), update.new_empty(0)
@@ -322,48 +322,62 @@ def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, o
     return grad_u, grad_s, grad_w, grad_b
 
 
-# ---- ahead-of-time compile specs (tests/test_triton_aot.py compiles each for sm_80 and sm_90) ----
+# ---- ahead-of-time compile specs (format: tests/triton_aot.py; compiled for sm_80 and sm_90) ----
 
-def _aot_specs() -> list[dict]:
-    """One entry per kernel configuration the GPU path launches: the jit function, its
-    ``triton.compile`` signature (pointer/int types; constexprs by value) and launch options."""
-    specs = []
-    for dtype, tdt in SIG_DTYPE.items():
-        cls = "fp32" if dtype == torch.float32 else "16bit"
-        for variant, code in VARIANT_CODE.items():
-            ng = num_gates(variant)
-            bm, bn, bk, w, st = GPU_CONFIGS[("fwd", cls)]
-            specs.append(dict(
-                name=f"gpc_fwd_{variant}_{tdt}", fn=_fwd_kernel,
-                signature={"U": f"*{tdt}", "S": f"*{tdt}", "W": f"*{tdt}", "Bias": f"*{tdt}",
-                           "Out": f"*{tdt}", "A": "*fp32", "M": "i32", "m": "i32", "d": "i32",
-                           **{k: "i32" for k in ("su_b", "su_m", "ss_b", "ss_m", "sw_k")}},
-                constexprs=dict(NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
-                num_warps=w, num_stages=st))
-            bm, bn, _, w, st = GPU_CONFIGS[("gates", cls)]
-            specs.append(dict(
-                name=f"gpc_bwd_gates_{variant}_{tdt}", fn=_bwd_gates_kernel,
-                signature={"G": f"*{tdt}", "A": "*fp32", "U": f"*{tdt}", "S": f"*{tdt}", "DA": "*fp32",
-                           "DU": "*fp32", "DS": "*fp32", "M": "i32", "m": "i32", "d": "i32",
-                           **{k: "i32" for k in ("sg_b", "sg_m", "su_b", "su_m", "ss_b", "ss_m")}},
-                constexprs=dict(NG=ng, VARIANT=code, BLOCK_M=bm, BLOCK_N=bn),
-                num_warps=w, num_stages=st))
-        bm, bn, bk, w, st = GPU_CONFIGS[("dx", cls)]
-        specs.append(dict(
-            name=f"gpc_bwd_dx_{tdt}", fn=_bwd_dx_kernel,
-            signature={"DA": "*fp32", "Direct": "*fp32", "W": f"*{tdt}", "Out": f"*{tdt}", "R": "i32",
-                       "NB": "i32", "d": "i32", "w_off": "i32", "sw_k": "i32", "NG": "i32"},
-            constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
-            num_warps=w, num_stages=st))
-        bm, bn, bk, w, st = GPU_CONFIGS[("dw", cls)]
-        specs.append(dict(
-            name=f"gpc_bwd_dw_{tdt}", fn=_bwd_dw_kernel,
-            signature={"X": f"*{tdt}", "DA": "*fp32", "DW": f"*{tdt}", "DB": f"*{tdt}", "M": "i32",
-                       "m": "i32", "d": "i32", "sx_b": "i32", "sx_m": "i32",
-                       "w_off": "i32", "NG": "i32", "DO_BIAS": "i32"},
-            constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=False),
-            num_warps=w, num_stages=st))
-    return specs
+def _variant(label, tdt, cfg, signature, constexprs, tensor_cores):
+    bm, bn, bk, warps, stages = cfg
+    block = dict(BLOCK_M=bm, BLOCK_N=bn) | ({"BLOCK_K": bk} if bk else {})
+    return {"label": label, "config": f"{bm}x{bn}x{bk} w{warps} s{stages}",
+            "signature": signature, "constexprs": {**block, **constexprs},
+            "div16": [k for k, v in signature.items() if v.startswith("*") or k.startswith("s")],
+            "num_warps": warps, "num_stages": stages, "tensor_cores": tensor_cores}
 
 
-AOT_SPECS = _aot_specs()
+def _per_dtype(kernel: str, build):
+    def variants(arch: int) -> list[dict]:   # the same launch configs on sm_80 and sm_90
+        out = []
+        for dtype, tdt in SIG_DTYPE.items():
+            cfg = GPU_CONFIGS[(kernel, "fp32" if dtype == torch.float32 else "16bit")]
+            out += build(tdt, cfg)
+        return out
+    return variants
+
+
+def _fwd_variants(tdt, cfg):
+    sig = {"U": f"*{tdt}", "S": f"*{tdt}", "W": f"*{tdt}", "Bias": f"*{tdt}", "Out": f"*{tdt}",
+           "A": "*fp32", "M": "i32", "m": "i32", "d": "i32", "su_b": "i32", "su_m": "i32",
+           "ss_b": "i32", "ss_m": "i32", "sw_k": "i32"}
+    return [_variant(f"{tdt} {variant}", tdt, cfg, sig,
+                     dict(NG=num_gates(variant), VARIANT=code, INTERPRET=False), True)
+            for variant, code in VARIANT_CODE.items()]
+
+
+def _gates_variants(tdt, cfg):
+    sig = {"G": f"*{tdt}", "A": "*fp32", "U": f"*{tdt}", "S": f"*{tdt}", "DA": "*fp32", "DU": "*fp32",
+           "DS": "*fp32", "M": "i32", "m": "i32", "d": "i32", "sg_b": "i32", "sg_m": "i32",
+           "su_b": "i32", "su_m": "i32", "ss_b": "i32", "ss_m": "i32", "NG": "i32", "VARIANT": "i32"}
+    return [_variant(f"{tdt} all variants", tdt, cfg, sig, {}, False)]
+
+
+def _dx_variants(tdt, cfg):
+    sig = {"DA": "*fp32", "Direct": "*fp32", "W": f"*{tdt}", "Out": f"*{tdt}", "R": "i32", "NB": "i32",
+           "d": "i32", "w_off": "i32", "sw_k": "i32", "NG": "i32"}
+    return [_variant(f"{tdt} all gates", tdt, cfg, sig, dict(INTERPRET=False), True)]
+
+
+def _dw_variants(tdt, cfg):
+    sig = {"X": f"*{tdt}", "DA": "*fp32", "DW": f"*{tdt}", "DB": f"*{tdt}", "M": "i32", "m": "i32",
+           "d": "i32", "sx_b": "i32", "sx_m": "i32", "w_off": "i32", "NG": "i32", "DO_BIAS": "i32"}
+    return [_variant(f"{tdt} all gates", tdt, cfg, sig, dict(INTERPRET=False), True)]
+
+
+AOT_SPECS = [
+    {"name": "gpc_fwd", "kernel": _fwd_kernel, "variants": _per_dtype("fwd", _fwd_variants),
+     "description": "GPC forward: [U, S] @ W as two K-halves + gate epilogue, per variant"},
+    {"name": "gpc_bwd_gates", "kernel": _bwd_gates_kernel, "variants": _per_dtype("gates", _gates_variants),
+     "description": "GPC backward epilogue: dA and the direct dU/dS terms (elementwise)"},
+    {"name": "gpc_bwd_dx", "kernel": _bwd_dx_kernel, "variants": _per_dtype("dx", _dx_variants),
+     "description": "GPC backward dU / dS = direct + dA @ W_half^T (batch-reduced for an (m, d) state)"},
+    {"name": "gpc_bwd_dw", "kernel": _bwd_dw_kernel, "variants": _per_dtype("dw", _dw_variants),
+     "description": "GPC backward dW_half = X^T @ dA and db, one program per tile (deterministic)"},
+]
