@@ -133,3 +133,47 @@ def test_planted_causal_off_by_one_is_caught(monkeypatch):
     with pytest.raises(AssertionError, match="out: error"):
         check_against_reference(Case(nq=21, nk=29, p=7, causal=True), torch.float32, backend=NAME,
                                 seed=4, grad_for=NO_GRAD)
+
+
+# ---- GPC cell -------------------------------------------------------------------------------
+
+def _gpc_grads(fn, inputs, grad):
+    out = fn(*inputs)
+    gs = torch.autograd.grad((out.double() * grad).sum(), inputs)
+    return out, gs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shared_state", [False, True], ids=["state-per-row", "state-shared"])
+@pytest.mark.parametrize("variant", ["lstm", "candidate", "gru", "reinject"])
+def test_gpc_cell_forward_and_backward(backend, variant, shared_state, dtype):
+    """One fused GEMM + gating epilogue and its backward (dU, dS incl. the batch reduction of a
+    shared state, dW, db) against the float64 reference, with DESIGN.md's error rule."""
+    import ptkernels
+    from attention_cases import ATOL, max_err
+    from ptkernels.backends.eager_gpc import GATES, reference_gpc_cell
+
+    gen = torch.Generator().manual_seed(11)
+    b, m, d = 3, 5, 40   # d not a multiple of the 32-column tile; 2d = 80 not of the K chunk
+    n = GATES[variant]
+    base = [torch.randn(b, m, d, generator=gen, dtype=torch.float64),
+            torch.randn(*((m, d) if shared_state else (b, m, d)), generator=gen, dtype=torch.float64),
+            torch.randn(2 * d, n * d, generator=gen, dtype=torch.float64) * d ** -0.5,
+            torch.randn(n * d, generator=gen, dtype=torch.float64)]
+    grad = torch.randn(b, m, d, generator=gen, dtype=torch.float64)
+
+    def leaves(dt):
+        return [x.detach().to(dt).requires_grad_(True) for x in base]
+
+    out_k, g_k = _gpc_grads(lambda *a: ptkernels.gpc_cell(*a, variant=variant, backend=NAME),
+                            leaves(dtype), grad)
+    out_x, g_x = _gpc_grads(lambda *a: reference_gpc_cell(*a, variant=variant), leaves(torch.float64), grad)
+    out_l, g_l = _gpc_grads(lambda *a: reference_gpc_cell(*a, variant=variant), leaves(dtype), grad)
+    assert out_k.dtype == dtype
+    e_k, e_l = max_err(out_k, out_x), max_err(out_l, out_x)
+    assert e_k <= 2 * e_l + ATOL[dtype], f"new_state: {e_k:.3g} vs eager {e_l:.3g}"
+    for name, gk, gx, gl in zip(("update", "state", "weight", "bias"), g_k, g_x, g_l):
+        assert gk.shape == gx.shape
+        e_k, e_l = max_err(gk, gx), max_err(gl, gx)
+        atol = ATOL[dtype] * max(1.0, gx.abs().max().item())
+        assert e_k <= 3 * e_l + atol, f"d{name}: {e_k:.3g} vs eager {e_l:.3g}"

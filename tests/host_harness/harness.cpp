@@ -8,6 +8,7 @@
 //            prefix_v out grad_out attn_bias (4 each) and key_padding_mask (2)
 //   floats : softcap scale
 // dtype: 0 float32, 1 float16, 2 bfloat16.
+#include "gpc_cell.cuh"
 #include "prefix_attention_bwd.cuh"
 #include "prefix_attention_fwd.cuh"
 
@@ -90,4 +91,70 @@ extern "C" int ptk_attn_bwd(int dtype, const void* const* ptrs, const int64_t* i
 
 extern "C" int ptk_attn_fwd(int dtype, const void* const* ptrs, const int64_t* ints, const double* floats) {
   return dispatch<Fwd>(dtype, unpack(ptrs, ints, floats));
+}
+
+// GPC cell. ptrs: update state weight bias new_state preact grad_new_state da gu gs grad_update
+// grad_state grad_weight grad_bias; ints: B m d variant shared_state, strides of update (3),
+// state (3), weight (2), bias (1), grad_new_state (3).
+namespace {
+ptk::GpcParams unpack_gpc(const void* const* ptrs, const int64_t* ints) {
+  ptk::GpcParams p;
+  p.update = ptrs[0];
+  p.state = ptrs[1];
+  p.weight = ptrs[2];
+  p.bias = ptrs[3];
+  p.new_state = const_cast<void*>(ptrs[4]);
+  p.preact = static_cast<float*>(const_cast<void*>(ptrs[5]));
+  p.grad_new_state = ptrs[6];
+  p.da = static_cast<float*>(const_cast<void*>(ptrs[7]));
+  p.gu = static_cast<float*>(const_cast<void*>(ptrs[8]));
+  p.gs = static_cast<float*>(const_cast<void*>(ptrs[9]));
+  p.grad_update = const_cast<void*>(ptrs[10]);
+  p.grad_state = const_cast<void*>(ptrs[11]);
+  p.grad_weight = const_cast<void*>(ptrs[12]);
+  p.grad_bias = const_cast<void*>(ptrs[13]);
+  p.B = ints[0];
+  p.m = ints[1];
+  p.d = ints[2];
+  p.variant = ints[3];
+  p.shared_state = ints[4] != 0;
+  int at = 5;
+  for (int i = 0; i < 3; ++i) p.update_stride[i] = ints[at++];
+  for (int i = 0; i < 3; ++i) p.state_stride[i] = ints[at++];
+  for (int i = 0; i < 2; ++i) p.weight_stride[i] = ints[at++];
+  p.bias_stride = ints[at++];
+  for (int i = 0; i < 3; ++i) p.gns_stride[i] = ints[at++];
+  return p;
+}
+
+template <typename T>
+struct GpcFwd {
+  static void run(const ptk::GpcParams& p) { ptk::launch_gpc_cell_fwd<T>(p, nullptr); }
+};
+template <typename T>
+struct GpcBwd {
+  static void run(const ptk::GpcParams& p) { ptk::launch_gpc_cell_bwd<T>(p, nullptr); }
+};
+
+template <template <typename> class Fn>
+int dispatch_gpc(int dtype, const ptk::GpcParams& p) {
+  try {
+    if (dtype == 0) Fn<float>::run(p);
+    else if (dtype == 1) Fn<__half>::run(p);
+    else if (dtype == 2) Fn<__nv_bfloat16>::run(p);
+    else return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "harness: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+}  // namespace
+
+extern "C" int ptk_gpc_fwd(int dtype, const void* const* ptrs, const int64_t* ints) {
+  return dispatch_gpc<GpcFwd>(dtype, unpack_gpc(ptrs, ints));
+}
+
+extern "C" int ptk_gpc_bwd(int dtype, const void* const* ptrs, const int64_t* ints) {
+  return dispatch_gpc<GpcBwd>(dtype, unpack_gpc(ptrs, ints));
 }

@@ -149,3 +149,49 @@ class HarnessBackend:
                    extra=(ctypes.c_int(int(need_dq)),))
         # a fresh empty tensor per unused gradient: custom-op outputs must not alias each other
         return tuple(x if x is not None else q.new_empty(0) for x in (dq, dk, dv, dpk, dpv))
+
+    # ---- GPC cell ----
+    VARIANTS = {"lstm": 0, "candidate": 1, "gru": 2, "reinject": 3}
+    GATES = {"lstm": 2, "candidate": 3, "gru": 1, "reinject": 2}
+
+    def _gpc_call(self, fn, update, state, weight, bias, variant, new_state=None, preact=None,
+                  grad_new_state=None, da=None, gu=None, gs=None, grad_update=None,
+                  grad_state=None, grad_weight=None, grad_bias=None):
+        b, m, d = update.shape
+        shared = state.dim() == 2
+        s_strides = [0, *state.stride()] if shared else list(state.stride())
+        ptrs = [update, state, weight, bias, new_state, preact, grad_new_state, da, gu, gs,
+                grad_update, grad_state, grad_weight, grad_bias]
+        ints = [b, m, d, self.VARIANTS[variant], int(shared), *update.stride(), *s_strides,
+                *weight.stride(), bias.stride(0), *_strides(grad_new_state, 3)]
+        ptr_arr = (ctypes.c_void_p * len(ptrs))(*[None if x is None else x.data_ptr() for x in ptrs])
+        int_arr = (ctypes.c_int64 * len(ints))(*ints)
+        rc = fn(ctypes.c_int(DTYPES[update.dtype]), ptr_arr, int_arr)
+        if rc != 0:
+            raise RuntimeError(f"host harness call failed with code {rc}")
+
+    def gpc_cell_fwd(self, update, state, weight, bias, variant):
+        g = self.GATES[variant]
+        b, m, d = update.shape
+        new_state = torch.full(update.shape, float("nan"), dtype=update.dtype)
+        preact = torch.full((b, m, g * d), float("nan"), dtype=torch.float32)
+        self._gpc_call(self.lib.ptk_gpc_fwd, update, state, weight, bias, variant,
+                       new_state=new_state, preact=preact)
+        return new_state, preact
+
+    def gpc_cell_bwd(self, grad_new_state, update, state, weight, bias, preact, variant,
+                     output_mask):
+        need_u, need_s, need_w, need_b = (bool(x) for x in output_mask)
+        g = self.GATES[variant]
+        b, m, d = update.shape
+        rows = b * m
+
+        def alloc(like, need):
+            return torch.full(like.shape, float("nan"), dtype=like.dtype) if need else None
+
+        gu_, gs_, gw_, gb_ = alloc(update, need_u), alloc(state, need_s), alloc(weight, need_w), alloc(bias, need_b)
+        self._gpc_call(self.lib.ptk_gpc_bwd, update, state, weight, bias, variant,
+                       preact=preact.to(torch.float32).contiguous(), grad_new_state=grad_new_state,
+                       da=torch.empty(rows, g * d), gu=torch.empty(rows, d), gs=torch.empty(rows, d),
+                       grad_update=gu_, grad_state=gs_, grad_weight=gw_, grad_bias=gb_)
+        return tuple(x if x is not None else update.new_empty(0) for x in (gu_, gs_, gw_, gb_))
