@@ -257,3 +257,35 @@ def test_gpc_refuses_gradient_checkpointing():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(**tm.batch("bert"))
+
+
+def test_position_offset_false_keeps_positions():
+    ours = tm.make("llama")
+    patch_model(ours, ptkernels.PrefixTuningConfig(num_virtual_tokens=5, position_offset=False),
+                backend="eager")
+    ref = peft.get_peft_model(tm.make("llama"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        ref.prompt_encoder.default.embedding.weight.copy_(ours.ptk_prompts.to_peft_embeddings("self"))
+    batch = tm.batch("llama", pad="right")
+    n = batch["input_ids"].shape[1]
+    # PEFT adds P to given position_ids: arange(n) - P puts its real tokens at 0..n-1
+    shifted = (torch.arange(n) - 5).unsqueeze(0).expand(3, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, ref(**batch, position_ids=shifted).logits,
+                                   atol=1e-5, rtol=1e-5)
+        assert (ours(**batch).logits - ref(**batch).logits).abs().max() > 1e-3
+
+
+def test_attention_dropout_active_in_training_only():
+    model = tm.make("bert", attention_probs_dropout_prob=0.5)   # the only dropout in the model
+    patch_model(model, ptkernels.PTuningV2Config(num_virtual_tokens=4, prefix_dropout=0.0),
+                backend="eager")
+    batch = tm.batch("bert", pad="right")
+    with torch.no_grad():
+        model.eval()
+        a, b = model(**batch).logits, model(**batch).logits
+        assert torch.equal(a, b)
+        model.train()
+        c, d = model(**batch).logits, model(**batch).logits
+        assert not torch.equal(c, d)
