@@ -132,13 +132,14 @@ def _unfold_lse(lse, batch, hq, nq, shared):
     return unfold(lse.unsqueeze(-1), batch, hq, nq, shared).squeeze(-1)
 
 
-def merge_segments(o1, l1, o2, l2):
-    """Merge two attention partials over disjoint key sets by their logsumexp (float)."""
+def merge_segments_(o1, l1, o2, l2):
+    """Merge two attention partials over disjoint key sets by their logsumexp, in place in o1
+    (and o2): on a CPU a fresh (B, H, N, D) output costs more in page faults than the math."""
     lse = torch.logaddexp(l1, l2)
     base = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     w1 = torch.exp(l1 - base).unsqueeze(-1)
     w2 = torch.exp(l2 - base).unsqueeze(-1)
-    return w1 * o1 + w2 * o2, lse
+    return o1.mul_(w1).add_(o2.mul_(w2)), lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,13 +220,30 @@ class _Geometry:
         if dropout_p > 0:
             self.keep = dropout_keep_mask(dropout_seed, (self.b, self.hq, self.nq, self.p + self.nk),
                                           dropout_p, q.device)
-        # The CPU flash kernel covers the sequence segment unless the scores need soft-capping
-        # or dropout (it cannot return the mask it drew).
-        self.flash = softcap <= 0 and dropout_p <= 0
+        # The CPU flash kernel covers both segments unless the scores need soft-capping or
+        # dropout (it cannot return the mask it drew); other devices take the math segments.
+        self.flash = q.device.type == "cpu" and softcap <= 0 and dropout_p <= 0
         self.key_padding_mask = key_padding_mask
         self.bias_p = self.bias_s = None
         if attn_bias is not None:
             self.bias_p, self.bias_s = attn_bias[..., :self.p], attn_bias[..., self.p:]
+
+    def prefix_rows(self, prefix_k, prefix_v, prefix_index):
+        """Each row's prefix as (B, Hkv, P, D) in the input dtype: a stride-0 view of a shared
+        prefix (no copy), the tensor itself per row, a gather for a bank."""
+        if prefix_index is not None:
+            return prefix_k.index_select(0, prefix_index), prefix_v.index_select(0, prefix_index)
+        shape = (self.b, *prefix_k.shape[1:])
+        return prefix_k.expand(shape), prefix_v.expand(shape)
+
+    def reduce_rows(self, grad_rows, prefix, prefix_index):
+        """Per-row prefix gradients (B, Hkv, P, D) -> the prefix's own shape (T, Hkv, P, D)."""
+        if prefix_index is not None:
+            return torch.zeros(prefix.shape, dtype=grad_rows.dtype,
+                               device=grad_rows.device).index_add_(0, prefix_index, grad_rows)
+        if prefix.shape[0] == 1:
+            return grad_rows.sum(0, keepdim=True)
+        return grad_rows
 
     def prefix_parts(self, prefix_k, prefix_v, prefix_index):
         """Prefix K/V rows as (Nb, Hkv, P, D) in the accumulation dtype."""
@@ -296,6 +314,11 @@ def _segment_backward(qg, kg, vg, dog, lse_g, delta_g, scale, softcap, bias_g, v
     return dq, dk, dv
 
 
+def _flash_lse(lse, q):
+    """The logsumexp in the dtype the CPU flash backward expects."""
+    return lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
 def _keep_parts(geo):
     if geo.keep is None:
         return None, None
@@ -342,7 +365,12 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                     causal, window, softcap, dropout_p)
     keep_p, keep_s = _keep_parts(geo)
     out = lse = None
-    if geo.p > 0:
+    if geo.p > 0 and geo.flash:
+        pk, pv = geo.prefix_rows(prefix_k, prefix_v, prefix_index)
+        bias = None if geo.bias_p is None else geo.bias_p.to(q.dtype)
+        out, lse = _FLASH_CPU(q, pk, pv, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = out.to(geo.acc), lse.to(geo.acc)
+    elif geo.p > 0:
         pk, pv = geo.prefix_parts(prefix_k, prefix_v, prefix_index)
         og, lse_g = _segment_forward(geo.folded(q, geo.shared), pk, pv, scale, softcap,
                                      geo.folded(geo.bias_p, geo.shared), None,
@@ -354,7 +382,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         if out is None:
             out, lse = out_s, lse_s
         else:
-            out, lse = merge_segments(out, lse, out_s, lse_s)
+            out, lse = merge_segments_(out, lse, out_s, lse_s)
     if out is None:  # no prefix and no keys at all
         out = torch.zeros(q.shape, dtype=geo.acc, device=q.device)
         lse = torch.full(q.shape[:-1], -math.inf, dtype=geo.acc, device=q.device)
@@ -377,7 +405,18 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     lse_safe = _safe_lse(lse.to(geo.acc))
     dq = dk = dv = dpk = dpv = None
 
-    if geo.p > 0 and (need_dq or need_dpk or need_dpv):
+    if geo.p > 0 and geo.flash and grad_lse is None and need_dq:
+        pk, pv = geo.prefix_rows(prefix_k, prefix_v, prefix_index)
+        bias = None if geo.bias_p is None else geo.bias_p.to(q.dtype)
+        dq, dpk_rows, dpv_rows = _FLASH_CPU_BWD(grad_out, q, pk, pv, out, _flash_lse(lse_safe, q),
+                                                0.0, False, attn_mask=bias, scale=scale)
+        dq = dq.to(geo.acc)
+        dpk = geo.reduce_rows(dpk_rows, prefix_k, prefix_index) if need_dpk else None
+        dpv = geo.reduce_rows(dpv_rows, prefix_v, prefix_index) if need_dpv else None
+    elif geo.p > 0 and (need_dq or need_dpk or need_dpv):
+        # Prompt-only backward (and soft-capping / dropout / a logsumexp gradient): only the
+        # products the requested gradients need, with the batch folded into the rows so that
+        # the shared prefix's gradient is one GEMM contracting over all B * G * Nq rows.
         pk, pv = geo.prefix_parts(prefix_k, prefix_v, prefix_index)
         dq_g, dpk, dpv = _segment_backward(
             geo.folded(q, geo.shared), pk, pv, geo.folded(do, geo.shared),
@@ -393,8 +432,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     if geo.nk > 0 and (need_dq or need_dk or need_dv):
         if geo.flash and grad_lse is None:
             mask, is_causal = _flash_mask(geo, q.dtype, q.device)
-            lse_f = lse_safe.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-            dq_s, dk, dv = _FLASH_CPU_BWD(grad_out, q, k, v, out, lse_f, 0.0, is_causal,
+            dq_s, dk, dv = _FLASH_CPU_BWD(grad_out, q, k, v, out, _flash_lse(lse_safe, q), 0.0, is_causal,
                                           attn_mask=mask, scale=scale)
             dq_s = dq_s.to(geo.acc)
         else:
@@ -407,7 +445,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
                 dropout_p, need_dq, need_dk, need_dv)
             dq_s = None if dq_g is None else unfold(dq_g, geo.b, geo.hq, geo.nq, False)
         if need_dq:
-            dq = dq_s if dq is None else dq + dq_s
+            dq = dq_s if dq is None else dq.add_(dq_s)
 
     def finish(grad, like, need):
         if not need:
