@@ -152,3 +152,22 @@ def test_bad_input():
     if HAS_TRITON:
         with pytest.raises(TypeError, match="float64"):
             ptkernels.gpc_cell(u.double(), s.double(), w.double(), b.double(), backend="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["lstm", "reinject"])
+def test_gpc_module_on_triton_backend(variant):
+    from ptkernels.prompts import GlobalPromptCell
+    torch.manual_seed(14)
+    cells = [GlobalPromptCell(32, variant, backend=b).to(DEVICE) for b in ("eager", "triton")]
+    cells[1].load_state_dict(cells[0].state_dict())
+    p0 = torch.randn(2, 3, 32, device=DEVICE)
+    outs = []
+    for cell in cells:
+        s = cell.initial_state(p0)
+        for u in torch.randn(3, 2, 3, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE):
+            s = cell(u, s)
+        s.square().sum().backward()
+        outs.append((s.detach(), cell.weight.grad, cell.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

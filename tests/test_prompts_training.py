@@ -158,3 +158,16 @@ def test_merge_and_save_load_round_trips():
     other = patch_model(tm.make("llama"), PrefixTuningConfig(4)).eval()
     other.ptk_prompts.from_peft_embeddings("self", emb)
     _close(other(**batch).logits, before, "after PEFT layout round trip", tol=1e-6)
+
+
+def test_model_report_counts_prompts_and_head():
+    model = patch_model(tm.make("bert"), PTuningV2Config(4))
+    r = ptkernels.prompts.model_report(model)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert r.head_parameters == head and r.prompt_parameters == r.stored_parameters
+    assert r.stored_parameters == model.ptk_prompts.encoders["self"].prefix.numel()
+    assert r.base_parameters == sum(p.numel() for n, p in model.named_parameters()
+                                    if not n.startswith("ptk_prompts."))
+    assert "p_tuning_v2" in str(r)
+    with pytest.raises(ValueError, match="patch"):
+        ptkernels.prompts.model_report(tm.make("bert"))

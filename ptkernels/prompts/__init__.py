@@ -5,11 +5,11 @@ from ptkernels.prompts.configs import GPCConfig, PrefixTuningConfig, PromptTunin
 from ptkernels.prompts.gpc import GlobalPromptCell
 from ptkernels.prompts.prefix import PrefixEncoder, PrefixPromptModule, kv_to_peft, peft_to_kv
 from ptkernels.prompts.prompt_tuning import InputPromptModule
-from ptkernels.prompts.report import ParameterReport, parameter_report
+from ptkernels.prompts.report import ParameterReport, model_report, parameter_report
 from ptkernels.prompts.spec import ModelSpec, SiteSpec
 
 __all__ = ["ModelSpec", "SiteSpec", "build_prompt_module", "trainable_head_names", "GPCConfig",
            "PrefixTuningConfig", "PromptTuningConfig", "PTuningV2Config", "GlobalPromptCell",
            "PrefixEncoder", "PrefixPromptModule", "InputPromptModule", "kv_to_peft", "peft_to_kv",
-           "ParameterReport", "parameter_report", "check_task_ids", "select_prompts", "extract_task",
+           "ParameterReport", "parameter_report", "model_report", "check_task_ids", "select_prompts", "extract_task",
            "insert_task"]

@@ -62,3 +62,15 @@ def parameter_report(prompt_module: nn.Module, base: Union[nn.Module, int],
                            stored_parameters=prompt_module.stored_parameters(),
                            head_parameters=_count(head, trainable_only=True),
                            base_parameters=base_count)
+
+
+def model_report(model: nn.Module) -> ParameterReport:
+    """Report for a model patched with a prompt config (``patch_model(model, config)``): the
+    prompt module is ``model.ptk_prompts``; trainable parameters outside it count as the head."""
+    prompts = getattr(model, "ptk_prompts", None)
+    if prompts is None:
+        raise ValueError(f"{type(model).__name__} carries no ptkernels prompts: patch it with "
+                         "ptkernels.patch_model(model, config) first")
+    prompt_ids = {id(p) for p in prompts.parameters()}
+    head = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in prompt_ids)
+    return parameter_report(prompts, model, head)
