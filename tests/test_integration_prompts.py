@@ -118,6 +118,9 @@ def test_gpc_matches_layer_by_layer_reference():
     pooled = ref_model.bert.pooler(h)
     ref = ref_model.classifier(pooled)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    unpatch_model(model)
+    assert not any(layer._forward_hooks for layer in model.bert.encoder.layer)
+    assert not hasattr(model, "ptk_prompts")
 
 
 def test_task_bank_rows_equal_single_task_runs():

@@ -21,6 +21,16 @@ How it works
 * Positions: while a context with a prefix is active, real tokens sit at positions P..P+n-1 (as
   in PEFT) through a forward pre-hook per architecture (``architectures.Architecture.positions``);
   T5 prefix columns get the relative-position bias of distance j - (P + past + i).
+* Activation checkpointing: recomputation inside backward runs after the forward's context was
+  popped, so ``PatchState.context`` falls back to the latest forward's context while autograd is
+  executing a backward graph (the prefix tensors are the same objects, so gradients are exact).
+* ``patch_model(model, config)``: builds the ``ModelSpec`` (with ``capture_kv``: the frozen model's
+  real-token K/V captured in the attention function), calls
+  ``ptkernels.prompts.build_prompt_module``, attaches the module as ``model.ptk_prompts``, freezes
+  everything else (P-Tuning v2 keeps classification heads trainable) and gives the model an
+  instance ``forward`` that computes ``prefix_kv()`` once per call (or prepends
+  ``input_prompts()``, mask/labels extended, with GPC forward hooks on every layer) and accepts
+  ``task_ids`` (B,). ``unpatch_model`` removes all of it and restores ``requires_grad`` flags.
 """
 from __future__ import annotations
 
