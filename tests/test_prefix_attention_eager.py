@@ -14,6 +14,15 @@ def test_matches_reference(case, dtype):
     check_against_reference(case, dtype, backend="eager")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CORE_CASES, ids=Case.id)
+def test_math_segments_match_reference(case, dtype, monkeypatch):
+    """The plain-math segments (what the eager backend runs on non-CPU devices)."""
+    from ptkernels.backends import eager
+    monkeypatch.setattr(eager, "USE_CPU_FLASH", False)
+    check_against_reference(case, dtype, backend="eager")
+
+
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
 def test_head_dims(d):
     check_against_reference(Case(nq=33, nk=45, p=7, d=d, causal=True, padding="left"), torch.float32)

@@ -35,6 +35,8 @@ from ptkernels.backends.eager_gpc import gpc_cell_bwd, gpc_cell_fwd  # noqa: F40
 
 NAME = "eager"
 
+# Off: every segment takes the plain-math path (what non-CPU devices always do); tests flip it.
+USE_CPU_FLASH = True
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -222,7 +224,8 @@ class _Geometry:
                                           dropout_p, q.device)
         # The CPU flash kernel covers both segments unless the scores need soft-capping or
         # dropout (it cannot return the mask it drew); other devices take the math segments.
-        self.flash = q.device.type == "cpu" and softcap <= 0 and dropout_p <= 0
+        self.flash = (USE_CPU_FLASH and q.device.type == "cpu" and softcap <= 0
+                      and dropout_p <= 0)
         self.key_padding_mask = key_padding_mask
         self.bias_p = self.bias_s = None
         if attn_bias is not None:
