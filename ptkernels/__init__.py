@@ -17,7 +17,10 @@ HAS_CUDA_KERNELS = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_
 from ptkernels.backends import BackendUnavailableError  # noqa: E402
 from ptkernels.ops import gpc_cell, prefix_attention  # noqa: E402
 from ptkernels.integrations import load_prompts, patch_model, save_prompts, unpatch_model  # noqa: E402
-from ptkernels.prompts.configs import GPCConfig, PrefixTuningConfig, PromptTuningConfig, PTuningV2Config  # noqa: E402,F401
+from ptkernels.prompts.configs import (GPCConfig, PrefixTuningConfig,  # noqa: E402
+                                       PromptTuningConfig, PTuningV2Config)
 
-__all__ = ["prefix_attention", "gpc_cell", "BackendUnavailableError", "HAS_EXTENSION",
-           "HAS_CUDA_KERNELS", "__version__"]
+__all__ = ["prefix_attention", "gpc_cell", "patch_model", "unpatch_model", "save_prompts",
+           "load_prompts", "PrefixTuningConfig", "PTuningV2Config", "PromptTuningConfig",
+           "GPCConfig", "BackendUnavailableError", "HAS_EXTENSION", "HAS_CUDA_KERNELS",
+           "__version__"]
