@@ -39,14 +39,15 @@ def _expects_cuda_kernels(ext: Path) -> bool:
     return ext.stat().st_mtime >= newest
 
 
-def test_extension_registers_cuda_attention_kernels():
+@pytest.mark.parametrize("op", ["prefix_attention", "gpc_cell"])
+def test_extension_registers_cuda_kernels(op):
     ext = _extension_file()
     if ext is None:
         pytest.skip("ptkernels._C is not built")
-    has = cuda_backend.has_cuda_kernels("prefix_attention")
+    has = cuda_backend.has_cuda_kernels(op)
     if not has and not _expects_cuda_kernels(ext):
         pytest.skip("ptkernels._C was built without CUDA kernels (CPU torch / no nvcc / stale build)")
-    assert has, "ptkernels._C was built with CUDA but has no CUDA kernel for ptk::prefix_attention_*"
+    assert has, f"ptkernels._C was built with CUDA but has no CUDA kernel for ptk::{op}_*"
 
 
 def test_meta_implementations_give_shapes():
@@ -110,3 +111,39 @@ def test_gpu_dropout_is_rejected_by_the_op_and_routed_by_the_backend():
     out, lse = cuda_backend.prefix_attention_fwd(q, k, k, None, None, None, None, None, seed,
                                                  False, -1, 0.0, 0.25, 0.1)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shared_state", [False, True], ids=["state-per-row", "state-shared"])
+@pytest.mark.parametrize("variant", ["lstm", "candidate", "gru", "reinject"])
+def test_gpu_gpc_cell(variant, shared_state, dtype):
+    ok, why = cuda_backend.is_available("gpc_cell", torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    import ptkernels
+    from attention_cases import ATOL, max_err
+    from ptkernels.backends.eager_gpc import GATES, reference_gpc_cell
+
+    gen = torch.Generator().manual_seed(12)
+    b, m, d = 4, 20, 96
+    n = GATES[variant]
+    base = [torch.randn(b, m, d, generator=gen, dtype=torch.float64),
+            torch.randn(*((m, d) if shared_state else (b, m, d)), generator=gen, dtype=torch.float64),
+            torch.randn(2 * d, n * d, generator=gen, dtype=torch.float64) * d ** -0.5,
+            torch.randn(n * d, generator=gen, dtype=torch.float64)]
+    grad = torch.randn(b, m, d, generator=gen, dtype=torch.float64)
+
+    def run(fn, dt, device):
+        xs = [x.detach().to(device=device, dtype=dt).requires_grad_(True) for x in base]
+        out = fn(*xs)
+        gs = torch.autograd.grad((out.double() * grad.to(device)).sum(), xs)
+        return out.cpu(), [g.cpu() for g in gs]
+
+    out_k, g_k = run(lambda *a: ptkernels.gpc_cell(*a, variant=variant, backend="cuda"), dtype, "cuda")
+    out_x, g_x = run(lambda *a: reference_gpc_cell(*a, variant=variant), torch.float64, "cpu")
+    out_l, g_l = run(lambda *a: reference_gpc_cell(*a, variant=variant), dtype, "cpu")
+    assert max_err(out_k, out_x) <= 2 * max_err(out_l, out_x) + ATOL[dtype]
+    for gk, gx, gl in zip(g_k, g_x, g_l):
+        atol = ATOL[dtype] * max(1.0, gx.abs().max().item())
+        assert max_err(gk, gx) <= 3 * max_err(gl, gx) + atol
