@@ -12,17 +12,7 @@ from ptkernels.integrations import patch_model, unpatch_model
 from ptkernels.integrations import transformers as tfi
 from ptkernels.prompts import kv_to_peft
 
-TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
-
-
-def _labels(model_type, task, batch):
-    if task == "seq_cls":
-        batch["labels"] = torch.tensor([0, 2, 1])
-    elif task == "seq2seq":
-        batch["labels"] = batch.pop("decoder_input_ids")
-    else:
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
+TASK_TYPE = tm.PEFT_TASK_TYPE
 
 
 def _real_rows(logits, batch, task, extra=0):
@@ -55,7 +45,7 @@ def test_prefix_config_matches_peft(model_type, pad):
         flat = ours.ptk_prompts.to_peft_embeddings(site)
     with torch.no_grad():
         ref.prompt_encoder.default.embedding.weight.copy_(flat)
-    batch = _labels(model_type, task, tm.batch(model_type, pad=pad))
+    batch = tm.labelled_batch(model_type, task, pad=pad)
     out_ref = ref(**batch)
     out = ours(**batch)
     torch.testing.assert_close(_real_rows(out.logits, batch, task),
@@ -78,7 +68,7 @@ def test_prompt_tuning_config_matches_peft(model_type):
         task_type=TASK_TYPE[task], num_virtual_tokens=4))
     with torch.no_grad():
         ref.prompt_encoder.default.embedding.weight.copy_(ours.ptk_prompts.prompts[0])
-    batch = _labels(model_type, task, tm.batch(model_type, pad="left"))
+    batch = tm.labelled_batch(model_type, task, pad="left")
     out, out_ref = ours(**batch), ref(**batch)
     torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)

@@ -8,18 +8,7 @@ import tiny_models as tm
 from ptkernels.integrations import patch_model, unpatch_model
 from ptkernels.integrations import transformers as tfi
 
-TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
-
-
-def _inputs(model_type, task, pad):
-    batch = tm.batch(model_type, pad=pad)
-    if task == "seq_cls":
-        batch["labels"] = torch.tensor([0, 2, 1])
-    elif task == "seq2seq":
-        batch["labels"] = batch.pop("decoder_input_ids")
-    else:
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
+TASK_TYPE = tm.PEFT_TASK_TYPE
 
 
 def _run(model, batch, task, prompt_len=0):
@@ -61,7 +50,7 @@ def test_prefix_tuning_matches_peft(model_type, projection, pad):
         task_type=TASK_TYPE[task], num_virtual_tokens=5, prefix_projection=projection,
         encoder_hidden_size=16))
     model.train()   # tiny configs have dropout 0; the MLP path is the training path
-    batch = _inputs(model_type, task, pad)
+    batch = tm.labelled_batch(model_type, task, pad=pad)
     ref = _run(model, batch, task)
     patch_model(model, backend="eager")
     got = _run(model, batch, task)
@@ -120,7 +109,7 @@ def test_input_prompts_match_peft(method, model_type):
         cfg = peft.PromptEncoderConfig(task_type=TASK_TYPE[task], num_virtual_tokens=4,
                                        encoder_hidden_size=16)
     model = peft.get_peft_model(tm.make(model_type), cfg)
-    batch = _inputs(model_type, task, "left")
+    batch = tm.labelled_batch(model_type, task, pad="left")
     ref = _run(model, batch, task, prompt_len=4)
     patch_model(model, backend="eager")
     assert model.get_base_model().config._attn_implementation == tfi.ATTN_NAME

@@ -17,18 +17,6 @@ from ptkernels.integrations import patch_model
 from ptkernels.prompts import extract_task
 
 
-def _batch(model_type, pad="left"):
-    batch = tm.batch(model_type, pad=pad)
-    task = tm.default_task(model_type)
-    if task == "seq_cls":
-        batch["labels"] = torch.tensor([0, 2, 1])
-    elif task == "seq2seq":
-        batch["labels"] = batch.pop("decoder_input_ids")
-    else:
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
-
-
 def _site(model_type):
     return "decoder" if model_type in tm.SEQ2SEQ else "self"
 
@@ -49,7 +37,7 @@ def _close(a, b, what, tol=1e-5):
     ("bart", PrefixTuningConfig(3, sites=["decoder"])),
 ], ids=["llama-prefix-mlp", "gpt2-v2", "bert-v2", "bart-decoder"])
 def test_prefix_fast_path_matches_reference(model_type, cfg):
-    batch = _batch(model_type, pad="right" if model_type == "gpt2" else "left")
+    batch = tm.labelled_batch(model_type, pad="right" if model_type == "gpt2" else "left")
     model = patch_model(tm.make(model_type), cfg)
     out = model(**batch)
     grads = _prompt_grads(model, out.loss)
@@ -67,7 +55,7 @@ def test_prefix_fast_path_matches_reference(model_type, cfg):
                                                 ("llama", "candidate"), ("llama", "gru"),
                                                 ("llama", None)])
 def test_prompt_tuning_fast_path_matches_reference(model_type, variant):
-    batch = _batch(model_type)
+    batch = tm.labelled_batch(model_type)
     gpc = GPCConfig(variant=variant) if variant else None
     model = patch_model(tm.make(model_type), PromptTuningConfig(4, gpc=gpc))
     out = model(**batch)
@@ -105,7 +93,7 @@ def test_every_method_trains_and_only_prompts_change(model_type, cfg, head):
     torch.manual_seed(0)
     # initializer_range 0.5: the default 0.02 gives near-uniform logits that no prompt can move far
     model = patch_model(tm.make(model_type, initializer_range=0.5, init_std=0.5), cfg)
-    batch = _batch(model_type)
+    batch = tm.labelled_batch(model_type)
     # synthetic task the prompts alone can solve: every target is token / class 1
     batch["labels"] = torch.where(batch["labels"] == -100, -100, 1)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()
@@ -127,7 +115,7 @@ def test_every_method_trains_and_only_prompts_change(model_type, cfg, head):
     ("bert", lambda t: PromptTuningConfig(3, num_tasks=t, gpc=GPCConfig())),
 ], ids=["llama-prefix", "bert-prompt-gpc"])
 def test_bank_row_equals_single_task_model(model_type, make_cfg):
-    batch = _batch(model_type)
+    batch = tm.labelled_batch(model_type)
     bank = patch_model(tm.make(model_type), make_cfg(3))
     ids = torch.tensor([2, 0, 2])
     out = bank(**batch, task_ids=ids).logits
@@ -140,7 +128,7 @@ def test_bank_row_equals_single_task_model(model_type, make_cfg):
 
 
 def test_merge_and_save_load_round_trips():
-    batch = _batch("llama")
+    batch = tm.labelled_batch("llama")
     cfg = PrefixTuningConfig(4, projection_hidden_size=16, prefix_dropout=0.2)
     model = patch_model(tm.make("llama"), cfg).eval()
     before = model(**batch).logits

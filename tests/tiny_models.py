@@ -127,3 +127,21 @@ def batch(model_type: str, *, b: int = 3, n: int = 7, pad: str = "left", seed: i
     if model_type in SEQ2SEQ:
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (b, 5), generator=g)
     return out
+
+
+# PEFT's task_type for each task of make().
+PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def labelled_batch(model_type: str, task: str | None = None, *, pad: str = "left", **kw):
+    """``batch(model_type)`` plus labels for ``task``: class ids, decoder targets, or the inputs
+    themselves with padded positions ignored (-100)."""
+    task = task or default_task(model_type)
+    out = batch(model_type, pad=pad, **kw)
+    if task == "seq_cls":
+        out["labels"] = torch.tensor([0, 2, 1])[:out["input_ids"].shape[0]]
+    elif task == "seq2seq":
+        out["labels"] = out.pop("decoder_input_ids")
+    else:
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+    return out
