@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_H
 
 # One translation unit per kernel family: the instantiations the extension uses.
 UNITS = {
-    "prefix_attention_fwd": ['#include "prefix_attention_fwd.cuh"'] + [
+    "prefix_attention_fwd": ['#include "prefix_attention_fwd_wmma.cuh"'] + [
         f"template void ptk::launch_prefix_attention_fwd<{t}>(const ptk::AttnParams&, ptk_stream_t);"
         for t in DTYPES],
     "prefix_attention_bwd": ['#include "prefix_attention_bwd.cuh"'] + [
@@ -115,6 +115,6 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     assert not spilling, f"kernels with spills / stack: {spilling}"
     for arch in ARCHS:
         kernels = {k for k, a in table if a == f"sm_{arch}"}
-        # 3 dtypes x 3 head-dim buckets x (fwd, dq, dk/dv, dprefix) + 3 delta kernels at least
+        # 3 head-dim buckets x (3 dtypes x (dq, dk/dv, dprefix) + 3 forward) + 3 delta kernels
         assert len(kernels) >= 39, f"sm_{arch}: only {len(kernels)} kernels compiled"
         assert all(table[(k, f'sm_{arch}')]["regs"] <= 255 for k in kernels)

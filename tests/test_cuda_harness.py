@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(
 NAME = "cuda_harness"
 
 
-def _register(monkeypatch, lib):
-    backend = harness.HarnessBackend(lib)
+def _register(monkeypatch, lib, **kw):
+    backend = harness.HarnessBackend(lib, **kw)
     monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS + (NAME,))
     monkeypatch.setitem(backends._MODULES, NAME, NAME)
     monkeypatch.setitem(backends._loaded, NAME, backend)
@@ -64,6 +64,32 @@ def test_core_cases_forward_and_backward(backend, case):
 def test_dtypes_and_head_dim_buckets(backend, case, dtype):
     """float16 / bfloat16 storage with float32 accumulation; D = 80 and 160 (buckets 128, 256)."""
     check_against_reference(case, dtype, backend=NAME, seed=2)
+
+
+TC_CASES = [CORE_CASES[i] for i in (3, 4, 10, 11, 14, 15, 19, 23)] + [
+    Case(nq=37, nk=53, p=64, d=80, padding="left", causal=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TC_CASES, ids=[c.id() for c in TC_CASES])
+def test_tensor_core_forward_cases(backend, case, dtype):
+    """float16 / bfloat16 take the WMMA forward (fragments emulated by the shim): prefix forms,
+    padding, empty rows, window, softcap + bias; the backward runs on the same inputs."""
+    check_against_reference(case, dtype, backend=NAME, seed=3)
+
+
+DECODE_CASES = [Case(nq=1, nk=200, p=7, causal=True), Case(nq=3, nk=150, p=64, padding="left"),
+                Case(nq=5, nk=90, p=70, form="bank", b=3, t=2, window=20, causal=True),
+                Case(nq=16, nk=130, p=0, form="none", padding="full_row", causal=True)]
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c.id() for c in DECODE_CASES])
+def test_split_k_decode(monkeypatch, lib, case, splits):
+    """Split-K forward (each split a share of the prefix-then-sequence keys, merged by lse),
+    including splits that see no key at all (empty partials) and rows with no key."""
+    _register(monkeypatch, lib, force_splits=splits)
+    check_against_reference(case, torch.float16, backend=NAME, seed=10, grad_for=NO_GRAD)
 
 
 def test_lse_gradient(backend):

@@ -77,7 +77,7 @@ __device__ __forceinline__ float load_w(const GpcParams& p, int k, int n) {
 // C (rows x cols, G column groups) = sum_k A(row, k) * B(k, g, col); epi(row, col, acc[G]).
 // grid (ceil(cols / 32), ceil(rows / 16)), block 128.
 template <int G, typename OpA, typename OpB, typename Epi>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(const GpcParams p, int rows, int cols, int K, OpA A, OpB Bop,
+__global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const GpcParams p, int rows, int cols, int K, OpA A, OpB Bop,
                                                         Epi epi) {
   __shared__ float sA[kRows][kK + 1];
   __shared__ float sB[G][kK][kCols + 1];

@@ -116,20 +116,38 @@ __global__ void __launch_bounds__(kThreads, 2) prefix_attention_fwd_kernel(const
 #pragma unroll
   for (int j = 0; j < CPT; ++j) st.acc[j] = 0.f;
 
-  if (p.prefix_mode != kNoPrefix && p.P > 0) {
-    const KeySegment<T> seg = prefix_segment<T>(p, prefix_of_row(p, b), hk);
-    for (int kt = 0; kt < seg.n; kt += TL::BN)
+  // Keys [g0, g1) of the prefix-then-sequence order: all of them, or this split's share.
+  const bool split = p.num_splits > 1;
+  const int g0 = split ? blockIdx.z * p.split_len : 0;
+  const int g1 = split ? g0 + p.split_len : p.P + p.Nk;
+  if (p.prefix_mode != kNoPrefix && p.P > 0 && g0 < p.P) {
+    KeySegment<T> seg = prefix_segment<T>(p, prefix_of_row(p, b), hk);
+    seg.n = g1 < seg.n ? g1 : seg.n;  // keys past the split's end read as absent
+    for (int kt = g0; kt < seg.n; kt += TL::BN)
       process_key_tile<T, DMAX>(p, seg, kt, b, h, i, row_ok, sQ + r * DMAX, sK, sV, sP + r * TL::BN, st);
   }
   int lo, hi;
   sequence_key_range(p, i0, i1, lo, hi);
-  const KeySegment<T> seq = sequence_segment<T>(p, b, hk);
+  lo = lo > g0 - p.P ? lo : g0 - p.P;
+  hi = hi < g1 - p.P ? hi : g1 - p.P;
+  KeySegment<T> seq = sequence_segment<T>(p, b, hk);
+  seq.n = hi > 0 ? hi : 0;  // (visibility within [lo, hi) is still checked per key)
   for (int kt = lo; kt < hi; kt += TL::BN)
     process_key_tile<T, DMAX>(p, seq, kt, b, h, i, row_ok, sQ + r * DMAX, sK, sV, sP + r * TL::BN, st);
 
   if (!row_ok) return;
   const bool empty = st.l <= 0.f;  // the row sees no key: output 0, lse -inf (never NaN)
   const float inv_l = empty ? 0.f : 1.f / st.l;
+  if (split) {  // normalized partial + its lse, merged by merge_splits_kernel
+    const int64_t prow = ((static_cast<int64_t>(blockIdx.z) * p.B + b) * p.Hq + h) * p.Nq + i;
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      const int c = lane8 + j * kTPR;
+      if (c < p.D) p.part_out[prow * p.D + c] = st.acc[j] * inv_l;
+    }
+    if (lane8 == 0) p.part_lse[prow] = empty ? kNegInf : st.m + logf(st.l);
+    return;
+  }
   T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Hq + h) * p.Nq + i) * p.D;
 #pragma unroll
   for (int j = 0; j < CPT; ++j) {
@@ -139,20 +157,74 @@ __global__ void __launch_bounds__(kThreads, 2) prefix_attention_fwd_kernel(const
   if (lane8 == 0) p.lse[(static_cast<int64_t>(b) * p.Hq + h) * p.Nq + i] = empty ? kNegInf : st.m + logf(st.l);
 }
 
+// Split-K merge: one warp per (b, h, i) row; lse = logsumexp of the splits' lse, out = sum of
+// exp(lse_z - lse) * out_z. grid (ceil(B * Hq * Nq / 4)), block 128.
+template <typename T>
+__global__ void __launch_bounds__(128) merge_splits_kernel(const AttnParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  if (row >= rows) return;  // whole warps leave together: no shuffles below
+  float m = kNegInf;
+  for (int z = 0; z < p.num_splits; ++z) m = fmaxf(m, p.part_lse[z * rows + row]);
+  float sum = 0.f;
+  if (m != kNegInf)
+    for (int z = 0; z < p.num_splits; ++z) sum += expf(p.part_lse[z * rows + row] - m);
+  const float lse = m == kNegInf ? kNegInf : m + logf(sum);
+  T* out = static_cast<T*>(p.out) + row * p.D;
+  for (int c = lane; c < p.D; c += 32) {
+    float acc = 0.f;
+    if (lse != kNegInf)
+      for (int z = 0; z < p.num_splits; ++z) {
+        const float lz = p.part_lse[z * rows + row];
+        if (lz != kNegInf) acc += expf(lz - lse) * p.part_out[(z * rows + row) * p.D + c];
+      }
+    out[c] = from_float<T>(acc);
+  }
+  if (lane == 0) p.lse[row] = lse;
+}
+
 }  // namespace fwd
+
+// How many key splits a forward call uses: > 1 only for decode-like calls (one query tile) whose
+// (b, h) grid is too small to fill the GPU and whose key count makes splitting worth it.
+// Each split covers a multiple of the key tile. The caller allocates p.part_out / p.part_lse.
+inline int prefix_attention_decode_splits(const AttnParams& p) {
+  const int keys = p.P + p.Nk;
+  const int64_t blocks = static_cast<int64_t>(p.B) * p.Hq;
+  if (p.Nq > fwd::kBM || keys < 512 || blocks >= 132) return 1;
+  int splits = static_cast<int>((264 + blocks - 1) / blocks);  // ~2 blocks per SM on an H100
+  const int max_by_keys = keys / 128;                         // at least 128 keys per split
+  splits = splits < max_by_keys ? splits : max_by_keys;
+  return splits < 1 ? 1 : (splits > 64 ? 64 : splits);
+}
+
+// Key span of each split for `splits` splits: a multiple of 64 (every bucket's key tile divides it).
+inline int prefix_attention_split_len(const AttnParams& p, int splits) {
+  const int keys = p.P + p.Nk;
+  const int per = (keys + splits - 1) / splits;
+  return (per + 63) / 64 * 64;
+}
 
 template <typename T, int DMAX>
 inline void launch_prefix_attention_fwd_d(const AttnParams& p, ptk_stream_t stream) {
   const size_t smem = fwd::Tiles<DMAX>::smem_bytes;
   auto kernel = fwd::prefix_attention_fwd_kernel<T, DMAX>;  // (a comma inside a macro argument)
   allow_dynamic_smem(kernel, smem);
-  dim3 grid(ceil_div_h(p.Nq, fwd::kBM), p.B * p.Hq);
+  const unsigned splits = p.num_splits > 1 ? p.num_splits : 1;
+  dim3 grid(ceil_div_h(p.Nq, fwd::kBM), p.B * p.Hq, splits);
   PTK_LAUNCH(kernel, grid, dim3(fwd::kThreads), smem, stream, p);
+  if (splits > 1) {
+    auto merge = fwd::merge_splits_kernel<T>;
+    const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
+    PTK_LAUNCH(merge, dim3(static_cast<unsigned>((rows + 3) / 4)), dim3(128), 0, stream, p);
+  }
 }
 
-// Head-dim buckets 64 / 128 / 256 keep the instantiation count at 3 per dtype.
+// CUDA-core path (float32 inputs; see prefix_attention_fwd_wmma.cuh for the dispatcher that
+// sends float16 / bfloat16 to tensor cores). Head-dim buckets 64 / 128 / 256.
 template <typename T>
-inline void launch_prefix_attention_fwd(const AttnParams& p, ptk_stream_t stream) {
+inline void launch_prefix_attention_fwd_simt(const AttnParams& p, ptk_stream_t stream) {
   if (p.B * p.Hq == 0 || p.Nq == 0) return;
   if (p.D <= 64)
     launch_prefix_attention_fwd_d<T, 64>(p, stream);

@@ -51,6 +51,14 @@ struct AttnParams {
   int64_t bias_stride[4] = {0, 0, 0, 0};
   int64_t mask_stride[2] = {0, 0};
 
+  // split-K decode (forward, small Nq): split z covers global keys [z * split_len, (z+1) * split_len)
+  // of the prefix-then-sequence order and writes a normalized partial output (num_splits, B, Hq,
+  // Nq, D) and its lse (num_splits, B, Hq, Nq), both float32; a merge kernel combines them.
+  float* part_out = nullptr;
+  float* part_lse = nullptr;
+  int num_splits = 1;
+  int split_len = 0;
+
   int B = 0, Hq = 0, Hkv = 0, Nq = 0, Nk = 0, P = 0, D = 0, T = 0;
   int prefix_mode = 0;
   bool causal = false;

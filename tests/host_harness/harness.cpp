@@ -10,9 +10,11 @@
 // dtype: 0 float32, 1 float16, 2 bfloat16.
 #include "gpc_cell.cuh"
 #include "prefix_attention_bwd.cuh"
-#include "prefix_attention_fwd.cuh"
+#include "prefix_attention_fwd_wmma.cuh"
 
+#include <cmath>
 #include <exception>
+#include <vector>
 #include <cstdio>
 
 namespace {
@@ -73,9 +75,23 @@ int dispatch(int dtype, const ptk::AttnParams& p, Extra... extra) {
   return 0;
 }
 
+// The launcher's split-K decision (or a forced split count), with host scratch for the partials.
 template <typename T>
 struct Fwd {
-  static void run(const ptk::AttnParams& p) { ptk::launch_prefix_attention_fwd<T>(p, nullptr); }
+  static void run(const ptk::AttnParams& p_in, int force_splits) {
+    ptk::AttnParams p = p_in;
+    p.num_splits = force_splits > 0 ? force_splits : ptk::prefix_attention_decode_splits(p);
+    std::vector<float> part_out, part_lse;
+    if (p.num_splits > 1) {
+      p.split_len = ptk::prefix_attention_split_len(p, p.num_splits);
+      const size_t rows = static_cast<size_t>(p.num_splits) * p.B * p.Hq * p.Nq;
+      part_out.assign(rows * p.D, std::nanf(""));  // poisoned: every entry must be written
+      part_lse.assign(rows, std::nanf(""));
+      p.part_out = part_out.data();
+      p.part_lse = part_lse.data();
+    }
+    ptk::launch_prefix_attention_fwd<T>(p, nullptr);
+  }
 };
 
 template <typename T>
@@ -89,8 +105,9 @@ extern "C" int ptk_attn_bwd(int dtype, const void* const* ptrs, const int64_t* i
   return dispatch<Bwd>(dtype, unpack(ptrs, ints, floats), need_dq != 0);
 }
 
-extern "C" int ptk_attn_fwd(int dtype, const void* const* ptrs, const int64_t* ints, const double* floats) {
-  return dispatch<Fwd>(dtype, unpack(ptrs, ints, floats));
+extern "C" int ptk_attn_fwd(int dtype, const void* const* ptrs, const int64_t* ints, const double* floats,
+                            int force_splits) {
+  return dispatch<Fwd>(dtype, unpack(ptrs, ints, floats), force_splits);
 }
 
 // GPC cell. ptrs: update state weight bias new_state preact grad_new_state da gu gs grad_update

@@ -69,8 +69,9 @@ class HarnessBackend:
 
     NAME = "cuda_harness"
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, force_splits: int = 0):
         self.lib = lib
+        self.force_splits = force_splits  # > 0: the forward uses split-K with this many splits
 
     def is_available(self, op, device):
         return device.type == "cpu", "host harness (CPU tensors only)"
@@ -117,7 +118,8 @@ class HarnessBackend:
         out = torch.full(q.shape, float("nan"), dtype=q.dtype)      # poisoned
         lse = torch.full(q.shape[:-1], float("nan"), dtype=torch.float32)
         self._call(self.lib.ptk_attn_fwd, q, k, v, prefix_k, prefix_v, prefix_index,
-                   key_padding_mask, attn_bias, causal, window, softcap, scale, out=out, lse=lse)
+                   key_padding_mask, attn_bias, causal, window, softcap, scale, out=out, lse=lse,
+                   extra=(ctypes.c_int(self.force_splits),))
         return out, lse
 
     def prefix_attention_bwd(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,

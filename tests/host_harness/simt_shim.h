@@ -22,6 +22,7 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace ptk_shim {
@@ -156,3 +157,76 @@ inline float __expf(float x) { return std::exp(x); }
 #define PTK_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::ptk_shim::launch(kernel, grid, block, smem, __VA_ARGS__)
 #define PTK_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::ptk_shim::dynamic_smem())
+
+// ---- nvcuda::wmma on plain arrays ----
+// A fragment holds the whole 16x16 tile, and only lane 0 of the warp computes it (fragments are
+// opaque: the only way to observe one is store_matrix_sync, done by lane 0), so the real register
+// layout of tensor-core fragments is NOT modelled: kernels may only use fragments through
+// load/store/fill/mma, as portable WMMA code must anyway. store_matrix_sync is a warp barrier,
+// the write by lane 0, and a warp barrier: stronger than the hardware.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the shim models 16x16x16 fragments only");
+  static constexpr int num_elements = 256;
+  float x[256];
+};
+
+inline float shim_to_float(float v) { return v; }
+inline float shim_to_float(__half v) { return __half2float(v); }
+inline float shim_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename Use, typename T, typename Layout, typename P>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const P* p, unsigned ldm) {
+  if (::ptk_shim::lane() != 0) return;
+  constexpr bool col = std::is_same_v<Layout, col_major>;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = shim_to_float(col ? p[c * ldm + r] : p[r * ldm + c]);
+}
+
+template <typename T>
+void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const float* p, unsigned ldm, layout_t layout) {
+  if (::ptk_shim::lane() != 0) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
+}
+
+template <typename T>
+void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t layout) {
+  ::ptk_shim::syncwarp();
+  if (::ptk_shim::lane() == 0)
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * 16 + c];
+  ::ptk_shim::syncwarp();
+}
+
+template <typename Use, typename T, typename Layout>
+void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float v) {
+  if (::ptk_shim::lane() != 0) return;
+  for (float& e : f.x) e = v;
+}
+
+// d = a * b + c, float accumulation (tensor cores multiply 16-bit inputs exactly, add in fp32)
+template <typename TA, typename LA, typename TB, typename LB, typename TC>
+void mma_sync(fragment<accumulator, 16, 16, 16, TC>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, TC>& c) {
+  if (::ptk_shim::lane() != 0) return;
+  float out[256];
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[r * 16 + n];
+      for (int k = 0; k < 16; ++k) acc += a.x[r * 16 + k] * b.x[k * 16 + n];
+      out[r * 16 + n] = acc;
+    }
+  for (int i = 0; i < 256; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda
