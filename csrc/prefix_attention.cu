@@ -14,7 +14,7 @@
 #include <tuple>
 
 #include "kernels/prefix_attention_bwd.cuh"
-#include "kernels/prefix_attention_fwd.cuh"
+#include "kernels/prefix_attention_fwd_wmma.cuh"
 
 namespace ptk {
 namespace {
@@ -129,6 +129,17 @@ std::tuple<Tensor, Tensor> prefix_attention_fwd_cuda(const Tensor& q, const Tens
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   r.p.out = out.data_ptr();
   r.p.lse = lse.data_ptr<float>();
+  // Decode-like calls split the keys across blocks (split-K) and merge the partials by lse.
+  Tensor part_out, part_lse;
+  r.p.num_splits = prefix_attention_decode_splits(r.p);
+  if (r.p.num_splits > 1) {
+    r.p.split_len = prefix_attention_split_len(r.p, r.p.num_splits);
+    auto f32 = q.options().dtype(at::kFloat);
+    part_out = at::empty({r.p.num_splits, q.size(0), q.size(1), q.size(2), q.size(3)}, f32);
+    part_lse = at::empty({r.p.num_splits, q.size(0), q.size(1), q.size(2)}, f32);
+    r.p.part_out = part_out.data_ptr<float>();
+    r.p.part_lse = part_lse.data_ptr<float>();
+  }
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
