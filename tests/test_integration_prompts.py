@@ -9,6 +9,7 @@ import torch
 import ptkernels
 import tiny_models as tm
 from ptkernels.integrations import patch_model, unpatch_model
+from ptkernels.integrations import prompt_attach
 from ptkernels.integrations import transformers as tfi
 from ptkernels.prompts import kv_to_peft
 
@@ -149,7 +150,7 @@ def test_words_init_uses_captured_kv():
     patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=3, init="words",
                                                     init_token_ids=ids), backend="eager")
     state = tfi.get_state(model)
-    k, v = tfi.capture_kv(model, state, torch.tensor(ids))["self"]
+    k, v = prompt_attach.capture_kv(model, state, torch.tensor(ids))["self"]
     prefix = model.ptk_prompts.encoders["self"].raw()
     torch.testing.assert_close(prefix[:, 0, 0], k)
     torch.testing.assert_close(prefix[:, 1, 0], v)

@@ -1,6 +1,5 @@
 """Autograd of prefix_attention (eager backend): gradcheck, random shapes, prompt-only backward,
 rows that see no key, torch.compile."""
-import math
 
 import pytest
 import torch
