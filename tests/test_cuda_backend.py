@@ -147,3 +147,12 @@ def test_gpu_gpc_cell(variant, shared_state, dtype):
     for gk, gx, gl in zip(g_k, g_x, g_l):
         atol = ATOL[dtype] * max(1.0, gx.abs().max().item())
         assert max_err(gk, gx) <= 3 * max_err(gl, gx) + atol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_gpu_split_k_decode(dtype):
+    """Nq = 1 against ~2k keys with a small (b, h) grid takes the split-K forward + merge."""
+    _need_cuda_backend()
+    check_against_reference(Case(b=1, hq=4, hkv=1, nq=1, nk=1999, p=64, d=128, causal=True,
+                                 padding="left"), dtype, backend="cuda", device="cuda", seed=13)
