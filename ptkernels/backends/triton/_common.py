@@ -67,3 +67,15 @@ def mma(a, b, acc, INTERPRET: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+def aot_signature(kernel, pointer_types: dict, float_args=(), constexprs=None, div16=()):
+    """Signature dict for an AOT spec (``tests/triton_aot.py``): pointers as given, the names in
+    ``float_args`` as fp32, every other non-constexpr parameter as i32."""
+    constexprs = constexprs or {}
+    sig = {}
+    for a in kernel.arg_names:
+        if a in constexprs:
+            continue
+        sig[a] = pointer_types.get(a) or ("fp32" if a in float_args else "i32")
+    return sig

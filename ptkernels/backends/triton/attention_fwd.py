@@ -30,11 +30,11 @@ import triton
 import triton.language as tl
 
 from ptkernels.backends.triton import configs
-from ptkernels.backends.triton._common import INTERPRET, SIG_DTYPE, alloc, block_d, mma, strides
+from ptkernels.backends.triton._common import INTERPRET, alloc, block_d, mma, strides
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 DECODE_MAX_NQ = 16
 DECODE_MIN_KEYS = 512
@@ -48,7 +48,7 @@ def _tanh(x):
 
 @triton.jit
 def attend_segment(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, lo, hi, n_valid,
-                   col0, n_cols, rows, row_ok, bias_rows, sbn, kpm_base, skpm, seed, bh,
+                   col0, n_cols, rows, row_ok, bias_base, sbm, sbn, kpm_base, skpm, seed, bh,
                    dropout_p, scale, softcap, window, q_off, D,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_SEQ: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -60,7 +60,7 @@ def attend_segment(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, lo, hi,
     and sum; q (BLOCK_M, BLOCK_D); k_base/v_base point at key 0 of the segment for this (b, kv
     head); n_valid = keys in the segment (P or Nk); col0 = the segment's first column in
     [0, P + Nk) (bias and dropout columns); rows (BLOCK_M,) query indices, row_ok = rows < Nq;
-    bias_rows (BLOCK_M,) pointers to bias[b, h, row, 0]; q_off = Nk - Nq (bottom-right causal).
+    bias_base points at bias[b, h, 0, 0] (strides sbm, sbn); q_off = Nk - Nq (bottom-right causal).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,7 +78,7 @@ def attend_segment(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, lo, hi,
         else:
             s = s * (scale * LOG2E)
         if HAS_BIAS:
-            bias = tl.load(bias_rows[:, None] + (col0 + cols)[None, :] * sbn,
+            bias = tl.load(bias_base + (rows[:, None] * sbm + (col0 + cols)[None, :] * sbn),
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s += bias.to(tl.float32) * LOG2E
         valid = col_ok[None, :]
@@ -153,7 +153,7 @@ def _fwd_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, OUT, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    bias_rows = BIAS + b * sbb + h * sbh + rows * sbm
+    bias_base = BIAS + b * sbb + h * sbh
     n_cols = P + Nk
     q_off = Nk - Nq
 
@@ -164,14 +164,14 @@ def _fwd_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, OUT, LSE,
             t = b  # spkt/spvt are 0 for a prefix shared by the batch
         acc, m_i, l_i = attend_segment(
             acc, m_i, l_i, q, PK + t * spkt + kvh * spkh, PV + t * spvt + kvh * spvh,
-            spkn, spkd, spvn, spvd, 0, P, P, 0, n_cols, rows, row_ok, bias_rows, sbn,
+            spkn, spkd, spvn, spvd, 0, P, P, 0, n_cols, rows, row_ok, bias_base, sbm, sbn,
             KPM, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
             HAS_DROPOUT, INTERPRET)
     lo, hi = sequence_bounds(m0, Nk, q_off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     acc, m_i, l_i = attend_segment(
         acc, m_i, l_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh,
-        skn, skd, svn, svd, lo, hi, Nk, P, n_cols, rows, row_ok, bias_rows, sbn,
+        skn, skd, svn, svd, lo, hi, Nk, P, n_cols, rows, row_ok, bias_base, sbm, sbn,
         KPM + b * skpmb, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
         BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
         HAS_DROPOUT, INTERPRET)
@@ -233,7 +233,8 @@ def pick_config(kernel: str, launch: Launch, run) -> configs.Config:
     if INTERPRET or launch.device.type != "cuda":
         return configs.INTERPRET[kernel]
     major, minor = torch.cuda.get_device_capability(launch.device)
-    cands = configs.candidates(kernel, major * 10 + minor, launch.dtype, launch.block_d)
+    cands = configs.candidates(kernel, major * 10 + minor, launch.dtype, launch.block_d,
+                               is_heavy(launch.flags))
     key = (kernel, major, launch.dtype, launch.block_d, launch.nq > 1024, launch.nk > 1024,
            tuple(sorted(k for k, v in launch.flags.items() if v)))
     if key not in _TUNED:
@@ -280,3 +281,62 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
                               attn_bias, dropout_seed, causal, window, softcap, scale, dropout_p)
     return forward_main(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
                         dropout_seed, causal, window, softcap, scale, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/triton_aot.py): every config configs.py may pick, with the
+# heaviest feature set (bank prefix, causal, window, padding, bias, softcap, dropout).
+# ----------------------------------------------------------------------------------------------
+
+ALL_FEATURES = dict(HAS_INDEX=True, CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_BIAS=True,
+                    HAS_SOFTCAP=True, HAS_DROPOUT=True, INTERPRET=False)
+# Unit strides the JIT specializes to 1 for contiguous inputs (head dim, mask and bias columns).
+UNIT_STRIDES = ("sqd", "skd", "svd", "spkd", "spvd", "skpmn", "sbn")
+FLOAT_ARGS = ("scale", "softcap", "dropout_p")
+
+
+LIGHT_FEATURES = dict(ALL_FEATURES, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
+
+
+def is_heavy(flags: dict) -> bool:
+    """Calls with a bias, soft-capping or dropout use the smaller "heavy" tiles (configs.py)."""
+    return bool(flags["HAS_BIAS"] or flags["HAS_SOFTCAP"] or flags["HAS_DROPOUT"])
+
+
+def aot_variants(kernel, kernel_kind: str, arch: int, extra_ptrs=None) -> list[dict]:
+    """AOT compile variants (format: tests/triton_aot.py) of a forward kernel: every candidate of
+    configs.py for sm_<arch>, compiled with the heaviest feature set its table serves."""
+    from ptkernels.backends.triton._common import aot_signature
+
+    out, seen = [], set()
+    for dtype in configs.DTYPES:
+        dt = configs.aot_dtype(dtype)
+        ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "PK": f"*{dt}", "PV": f"*{dt}",
+                "PIDX": "*i64", "KPM": "*u8", "BIAS": "*fp32", "OUT": f"*{dt}", "LSE": "*fp32",
+                **(extra_ptrs or {})}
+        for bd in configs.HEAD_DIM_BUCKETS:
+            for heavy in (True, False):
+                for cfg in configs.candidates(kernel_kind, arch, dtype, bd, heavy):
+                    # a light call's config that the heavy table also holds is covered by the
+                    # heavier compile
+                    if (dt, bd, cfg) in seen:
+                        continue
+                    seen.add((dt, bd, cfg))
+                    feats = ALL_FEATURES if heavy else LIGHT_FEATURES
+                    cx = dict(feats, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+                              **{s: 1 for s in UNIT_STRIDES})
+                    cx = {k: v for k, v in cx.items() if k in kernel.arg_names}
+                    sig = aot_signature(kernel, ptrs, FLOAT_ARGS, cx)
+                    div16 = [a for a in sig if a in ptrs or (a.startswith("s") and sig[a] == "i32"
+                                                             and a != "seed")]
+                    out.append({"label": f"{dt} d{bd} {'all-features' if heavy else 'no-bias/cap/drop'}",
+                                "config": str(cfg), "heavy": heavy, "dtype": dt, "block_d": bd,
+                                "signature": sig, "constexprs": cx, "div16": div16,
+                                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                "tensor_cores": True})
+    return out
+
+
+AOT_SPECS = [{"name": "attention_fwd", "kernel": _fwd_kernel,
+              "description": "fused prefix + sequence attention forward (main path)",
+              "variants": lambda arch: aot_variants(_fwd_kernel, "fwd", arch)}]

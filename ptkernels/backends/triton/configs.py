@@ -29,37 +29,41 @@ class Config(NamedTuple):
 
 INTERPRET = {"fwd": Config(32, 32, 4, 1), "decode": Config(16, 32, 4, 1)}
 
-# Head-dim ranges (upper bounds of BLOCK_D) -> candidates. 16-bit inputs use tensor-core tiles;
-# fp32 tiles are halved (twice the bytes per element in registers and shared memory).
+# Head-dim buckets (upper bounds of BLOCK_D) -> candidates, best guess first. "16bit" serves calls
+# without bias / soft-capping / dropout; "16bit_heavy" the calls with any of them (the bias tile,
+# the tanh and the Philox state cost registers, so the tiles shrink); fp32 tiles serve both (the
+# tf32x3 products split every operand in two). Every entry below compiles without spills for
+# sm_80 and sm_90 with the heaviest feature set of its table (tests/test_triton_aot.py).
+_C = Config
 _FWD = {
     90: {
-        "16bit": {64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)],
-                  128: [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)],
-                  256: [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)]},
-        "fp32": {64: [Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
-                 128: [Config(64, 32, 4, 2), Config(64, 64, 8, 2)],
-                 256: [Config(32, 32, 4, 1), Config(64, 32, 8, 1)]},
+        "16bit": {64: [_C(128, 64, 8, 3), _C(128, 128, 8, 2)],
+                  128: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+                  256: [_C(64, 32, 8, 3), _C(32, 32, 4, 3)]},
+        "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
+                        128: [_C(64, 32, 4, 2), _C(32, 32, 4, 2)],
+                        256: [_C(32, 32, 4, 2)]},
+        "fp32": {64: [_C(32, 16, 4, 2)], 128: [_C(32, 16, 8, 2), _C(16, 16, 4, 2)], 256: [_C(16, 16, 8, 2)]},
     },
     80: {
-        "16bit": {64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 4)],
-                  128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 8, 3)],
-                  256: [Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 2)]},
-        "fp32": {64: [Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
-                 128: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
-                 256: [Config(32, 32, 4, 1), Config(64, 32, 8, 1)]},
+        "16bit": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+                  128: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+                  256: [_C(64, 32, 8, 3), _C(32, 32, 4, 3)]},
+        "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
+                        128: [_C(64, 64, 8, 2), _C(32, 32, 4, 2)],
+                        256: [_C(32, 32, 4, 2)]},
+        "fp32": {64: [_C(32, 16, 4, 2)], 128: [_C(32, 16, 8, 2), _C(16, 16, 4, 2)], 256: [_C(16, 16, 8, 2)]},
     },
 }
 # Decode: BLOCK_M covers the few query rows; the work is spread over splits of the keys instead.
-_DECODE = {
-    90: {"16bit": {64: [Config(16, 128, 4, 3), Config(16, 64, 4, 3)],
-                   128: [Config(16, 64, 4, 3), Config(16, 128, 4, 2)],
-                   256: [Config(16, 64, 4, 2), Config(16, 32, 4, 2)]},
-         "fp32": {64: [Config(16, 64, 4, 2)], 128: [Config(16, 32, 4, 2)], 256: [Config(16, 32, 4, 1)]}},
-    80: {"16bit": {64: [Config(16, 128, 4, 3), Config(16, 64, 4, 3)],
-                   128: [Config(16, 64, 4, 3), Config(16, 128, 4, 2)],
-                   256: [Config(16, 64, 4, 2), Config(16, 32, 4, 2)]},
-         "fp32": {64: [Config(16, 64, 4, 2)], 128: [Config(16, 32, 4, 2)], 256: [Config(16, 32, 4, 1)]}},
+# Its tiles are small enough that one table serves calls with and without the heavy features.
+_DECODE_ANY = {
+    "16bit": {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3)],
+              128: [_C(16, 64, 4, 3), _C(16, 128, 4, 2)],
+              256: [_C(16, 32, 4, 2)]},
+    "fp32": {64: [_C(16, 64, 4, 2)], 128: [_C(16, 32, 4, 2)], 256: [_C(16, 16, 8, 2)]},
 }
+_DECODE = {arch: dict(_DECODE_ANY, **{"16bit_heavy": _DECODE_ANY["16bit"]}) for arch in (80, 90)}
 TABLES = {"fwd": _FWD, "decode": _DECODE}
 ARCHS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,8 +74,16 @@ def _arch_key(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def _dtype_key(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
+def _dtype_key(dtype: torch.dtype, heavy: bool) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "16bit_heavy" if heavy else "16bit"
+
+
+def aot_dtype(dtype: torch.dtype) -> str:
+    """The dtype the AOT check compiles a table in: fp16 and bf16 share the 16-bit tables (their
+    code differs only in conversions), so 16-bit tables are compiled once, in bf16."""
+    return "fp32" if dtype == torch.float32 else "bf16"
 
 
 def _bucket(block_d: int) -> int:
@@ -81,6 +93,8 @@ def _bucket(block_d: int) -> int:
     raise ValueError(f"head dim block {block_d} > 256 is not supported")
 
 
-def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int) -> list[Config]:
-    """Every configuration the autotuner may pick for ``kernel`` on sm_<arch>."""
-    return list(TABLES[kernel][_arch_key(arch)][_dtype_key(dtype)][_bucket(block_d)])
+def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,
+               heavy: bool = False) -> list[Config]:
+    """Every configuration the autotuner may pick for ``kernel`` on sm_<arch>; ``heavy`` = the
+    call has an attention bias, soft-capping or dropout."""
+    return list(TABLES[kernel][_arch_key(arch)][_dtype_key(dtype, heavy)][_bucket(block_d)])

@@ -20,8 +20,8 @@ import triton.language as tl
 
 from ptkernels.backends.triton import configs
 from ptkernels.backends.triton._common import INTERPRET, alloc
-from ptkernels.backends.triton.attention_fwd import (LN2, Launch, attend_segment, pick_config,
-                                                     sequence_bounds)
+from ptkernels.backends.triton.attention_fwd import (LN2, Launch, aot_variants, attend_segment,
+                                                     pick_config, sequence_bounds)
 
 # Keys per split: enough to amortize a program's setup, small enough to spread a 4k cache over
 # a few dozen programs per (b, h).
@@ -58,7 +58,7 @@ def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    bias_rows = BIAS + b * sbb + h * sbh + rows * sbm
+    bias_base = BIAS + b * sbb + h * sbh
     n_cols = P + Nk
     q_off = Nk - Nq
     if split < n_split_p:
@@ -70,7 +70,7 @@ def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
         hi = tl.minimum(lo + chunk, P)
         acc, m_i, l_i = attend_segment(
             acc, m_i, l_i, q, PK + t * spkt + kvh * spkh, PV + t * spvt + kvh * spvh,
-            spkn, spkd, spvn, spvd, lo, hi, hi, 0, n_cols, rows, row_ok, bias_rows, sbn,
+            spkn, spkd, spvn, spvd, lo, hi, hi, 0, n_cols, rows, row_ok, bias_base, sbm, sbn,
             KPM, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
             HAS_DROPOUT, INTERPRET)
@@ -83,7 +83,7 @@ def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
         hi = tl.minimum(hi_c, hi_v)
         acc, m_i, l_i = attend_segment(
             acc, m_i, l_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh,
-            skn, skd, svn, svd, lo, hi, hi_c, P, n_cols, rows, row_ok, bias_rows, sbn,
+            skn, skd, svn, svd, lo, hi, hi_c, P, n_cols, rows, row_ok, bias_base, sbm, sbn,
             KPM + b * skpmb, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
             HAS_DROPOUT, INTERPRET)
@@ -164,3 +164,30 @@ def forward_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
 
     run(pick_config("decode", L, run))
     return out, lse
+
+
+def _combine_variants(arch: int) -> list[dict]:
+    from ptkernels.backends.triton._common import aot_signature
+
+    # elementwise + reductions only: the widest tile in the two output dtype classes suffices
+    out = []
+    for dt in ("bf16", "fp32"):
+        for bd in (256,):
+            cx = {"BLOCK_S": 64, "BLOCK_D": bd}
+            ptrs = {"O_PART": "*fp32", "L_PART": "*fp32", "OUT": f"*{dt}", "LSE": "*fp32"}
+            sig = aot_signature(_combine_kernel, ptrs, (), cx)
+            out.append({"label": f"{dt} d{bd} 64 splits", "config": "w4 s1", "signature": sig,
+                        "constexprs": cx, "div16": list(ptrs) + ["sob", "soh", "som"],
+                        "num_warps": 4, "num_stages": 1, "tensor_cores": False})
+    return out
+
+
+AOT_SPECS = [
+    {"name": "decode_fwd", "kernel": _decode_kernel,
+     "description": "split-K decode forward: partial softmax per key chunk",
+     "variants": lambda arch: aot_variants(_decode_kernel, "decode", arch,
+                                           {"O_PART": "*fp32", "L_PART": "*fp32"})},
+    {"name": "decode_combine", "kernel": _combine_kernel,
+     "description": "logsumexp merge of the split-K partials",
+     "variants": _combine_variants},
+]

@@ -70,3 +70,17 @@ def dropout_keep_mask(seed_tensor: torch.Tensor, shape, p: float, device=None) -
     _keep_mask_kernel[grid](out, seed_from_tensor(seed_tensor), hq, nq, n_cols, float(p),
                             BLOCK_M=block_m, BLOCK_N=block_n)
     return out.bool()
+
+
+def _mask_variants(arch: int) -> list[dict]:
+    from ptkernels.backends.triton._common import aot_signature
+
+    cx = {"BLOCK_M": 16, "BLOCK_N": 64}
+    sig = aot_signature(_keep_mask_kernel, {"out_ptr": "*i8"}, ("p",), cx)
+    return [{"label": "int8 mask", "config": "16x64 w4 s1", "signature": sig, "constexprs": cx,
+             "div16": ["out_ptr"], "num_warps": 4, "num_stages": 1, "tensor_cores": False}]
+
+
+AOT_SPECS = [{"name": "dropout_mask", "kernel": _keep_mask_kernel,
+              "description": "writes the dropout keep-mask the attention kernels draw",
+              "variants": _mask_variants}]
