@@ -13,21 +13,29 @@ Kernels, each writing its outputs once (no atomics, deterministic):
 
 Given the final lse and delta each segment's backward is independent, so the prompt-only
 backward (only dprefix_k / dprefix_v requested: q, k, v frozen) launches just the preprocess and
-the prefix kernel; the dQ and dK/dV kernels, whose cost grows with Nq * Nk, never run.
+the prefix kernel; the dQ and dK/dV kernels, whose cost grows with Nq * Nk, never run. In matrix
+products: the full backward costs 2 * D * 7 * (S + R) FLOPs per head (dQ: 3 products over the S
+visible sequence pairs and the R = Nq * P prefix pairs; dK/dV: 4 over S; dprefix: 4 over R), the
+prompt-only one 2 * D * 4 * R: e.g. 3.4% of it for Nq = Nk = 2048 causal, P = 64.
+
+Configurations: one table per kernel, arch (sm_80 / sm_90), dtype class and head-dim bucket
+(``candidates``), timed once per shape class on the GPU (``_run``); a fixed small one under the
+interpreter. All are compiled ahead of time by tests/test_triton_aot.py (``AOT_SPECS``).
 """
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _dot, _dropout_keep,
-                                                            _key_block_step, _load, _tanh)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ptkernels.backends.triton import configs
+from ptkernels.backends.triton._common import (INTERPRET, SIG_DTYPE, aot_signature, alloc, block_d,
+                                              mma, strides)
+from ptkernels.backends.triton.configs import Config
+from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_block_step,
+                                                            _load, _tanh)
+from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +75,7 @@ def _dq_block_step(dq, q, do, lse, delta, k_base, v_base, bias_base, kpm_base,
                    HAS_PAD: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
+                   FP32_DOTS: tl.constexpr):
     """dQ contribution of the key block [n0, n0 + BLOCK_N) of one segment (prefix: col0 = 0,
     sequence: col0 = P). q, do (BM, BLOCK_D) tiles; lse (+inf on empty rows), delta (BM,)."""
     DT: tl.constexpr = k_base.dtype.element_ty
@@ -75,13 +83,13 @@ def _dq_block_step(dq, q, do, lse, delta, k_base, v_base, bias_base, kpm_base,
     offs_d = tl.arange(0, BLOCK_D)
     in_seg = offs_n < Nseg
     nd = in_seg[:, None] & (offs_d[None, :] < D)
-    k = _load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, nd, INTERPRET)
-    v = _load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, nd, INTERPRET)
+    k = _load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, nd, FP32_DOTS)
+    v = _load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, nd, FP32_DOTS)
     col_valid = in_seg
     if HAS_PAD:
         col_valid = col_valid & (tl.load(kpm_base + offs_n * s_kpm, mask=in_seg, other=0) != 0)
 
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRET, FP32_IN)
+    s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
     s = s * scale
     if SOFTCAP:
         t = _tanh(s / softcap)
@@ -96,16 +104,15 @@ def _dq_block_step(dq, q, do, lse, delta, k_base, v_base, bias_base, kpm_base,
     if MASK_WINDOW:
         visible = visible & (offs_m[:, None] + diag_off - offs_n[None, :] < window)
     p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRET, FP32_IN)
+    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
     if DROPOUT:
-        keep = _dropout_keep(seed, b, h, Hq, offs_m[:, None], col0 + offs_n[None, :], row_len,
-                             dropout_p)
+        keep = dropout_keep(seed, b * Hq + h, offs_m, col0 + offs_n, row_len, dropout_p)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     ds = ds * scale
-    return _dot(ds.to(DT), k, dq, INTERPRET, FP32_IN)
+    return mma(ds.to(DT), k, dq, FP32_DOTS)
 
 
 @triton.jit
@@ -122,7 +129,7 @@ def _bwd_dq_kernel(
         HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
         DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
+        FP32_DOTS: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M), B * Hq). dq (B, Hq, Nq, D) in q's dtype."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -136,9 +143,9 @@ def _bwd_dq_kernel(
     row_ok = offs_m < Nq
     md = row_ok[:, None] & (offs_d[None, :] < D)
     q = _load(q_ptr + b64 * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-              md, INTERPRET)
+              md, FP32_DOTS)
     do = _load(do_ptr + b64 * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod,
-               md, INTERPRET)
+               md, FP32_DOTS)
     lse = tl.load(lse_ptr + (b64 * Hq + h) * Nq + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: p = 0
     delta = tl.load(delta_ptr + (b64 * Hq + h) * Nq + offs_m, mask=row_ok, other=0.0)
@@ -161,7 +168,7 @@ def _bwd_dq_kernel(
                                 n0, offs_m, row_ok, b, h, Hq, P, D, 0, 0,
                                 scale, softcap, dropout_p, seed, row_len, 0,
                                 False, False, False, HAS_BIAS, SOFTCAP, DROPOUT,
-                                BLOCK_M, BLOCK_N, BLOCK_D, INTERPRET, FP32_IN)
+                                BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
 
     # Sequence keys this query block can see: bottom-right causal j <= i + (Nk - Nq); window
     # (i + Nk - Nq) - j < window. Blocks outside [n_lo, n_hi) are skipped.
@@ -181,7 +188,7 @@ def _bwd_dq_kernel(
                             n0, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
                             scale, softcap, dropout_p, seed, row_len, P,
                             HAS_PAD, CAUSAL, HAS_WINDOW, HAS_BIAS, SOFTCAP, DROPOUT,
-                            BLOCK_M, BLOCK_N, BLOCK_D, INTERPRET, FP32_IN)
+                            BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     tl.store(dq_ptr + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
              dq.to(dq_ptr.dtype.element_ty), mask=md)
 
@@ -197,7 +204,7 @@ def _bwd_dkdv_kernel(
         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
         NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
+        FP32_DOTS: tl.constexpr):
     """Grid (cdiv(Nk, BLOCK_N), B * Hkv). dk, dv (B, Hkv, Nk, D) in k's / v's dtype."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -211,9 +218,9 @@ def _bwd_dkdv_kernel(
     in_seg = offs_n < Nk
     nd = in_seg[:, None] & (offs_d[None, :] < D)
     k = _load(k_ptr + b64 * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-              nd, INTERPRET)
+              nd, FP32_DOTS)
     v = _load(v_ptr + b64 * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-              nd, INTERPRET)
+              nd, FP32_DOTS)
     col_valid = in_seg
     if HAS_PAD:
         col_valid = col_valid & (tl.load(kpm_ptr + b64 * s_kpb + offs_n * s_kpn, mask=in_seg,
@@ -245,7 +252,7 @@ def _bwd_dkdv_kernel(
                 m0, offs_n, col_valid, b, h, Hq, Nq, D, diag_off, window,
                 scale, softcap, dropout_p, seed, row_len, P,
                 CAUSAL, HAS_WINDOW, HAS_BIAS, SOFTCAP, DROPOUT, NEED_DK, NEED_DV,
-                BLOCK_M, BLOCK_N, BLOCK_D, INTERPRET, FP32_IN)
+                BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     out_off = b64 * s_gb + hk * s_gh + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd
     if NEED_DK:
         tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=nd)
@@ -254,95 +261,107 @@ def _bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configurations
+# Configurations (same form as configs.py's forward tables)
 # ----------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, for sm_80 and sm_90.
-# Every entry compiles for both architectures without register spills (checked ahead of time by
-# the AOT_SPECS below); larger head dims need smaller tiles to stay in registers.
-_GPU_TABLE = {
-    "dq": {
-        64: [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-        128: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
-        256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
-    },
-    "dkdv": {
-        64: [(32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-        128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
-        256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
-    },
+# Config(block_m, block_n, num_warps, num_stages) per kernel, arch, dtype class and head-dim
+# bucket (BLOCK_D upper bound).
+# Every entry compiles for sm_80 and sm_90 with the heaviest feature set (dropout's Philox,
+# softcap, bias, masks) and no register spills (AOT_SPECS below, tests/test_triton_aot.py), which
+# is what keeps the tiles small: dK/dV programs hold K, V and two float32 (BLOCK_N, D)
+# accumulators for their whole life, and 3xTF32 (float32 inputs) needs split operands. float32
+# with D > 128 runs with FP32_DOTS (exact fp32 FMA dots, no tensor cores: every tf32x3 tile
+# spilled there).
+_DQ = {
+    "16bit": {64: [Config(64, 32, 4, 2), Config(128, 32, 8, 2)], 128: [Config(64, 32, 4, 2)],
+              256: [Config(32, 32, 4, 1)]},
+    "fp32": {64: [Config(32, 32, 4, 2)], 128: [Config(16, 16, 8, 1)], 256: [Config(16, 16, 8, 1)]},
 }
-_GPU_TABLE["dprefix"] = _GPU_TABLE["dkdv"]
-# The interpreter: one fixed small configuration (programs run one by one in Python; smaller
-# tiles only add loop iterations). Tests may change it to exercise more tiles.
-INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+_DKDV = {
+    "16bit": {64: [Config(16, 64, 4, 1)], 128: [Config(16, 64, 8, 1)], 256: [Config(16, 32, 4, 1)]},
+    "fp32": {64: [Config(16, 32, 4, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 8, 1)]},
+}
+_DKDV_90 = {"16bit": {**_DKDV["16bit"], 64: [Config(16, 64, 4, 1), Config(32, 64, 4, 1)]},
+            "fp32": _DKDV["fp32"]}
+# The prefix kernel's three nested loops (rows, GQA heads, query blocks) cost a few more
+# registers on sm_80: wider warps there.
+_DPREFIX_80 = {
+    "16bit": {64: [Config(16, 64, 4, 1)], 128: [Config(16, 64, 8, 1)], 256: [Config(16, 32, 8, 1)]},
+    "fp32": {64: [Config(16, 32, 8, 1)], 128: [Config(16, 16, 8, 1)], 256: [Config(16, 16, 4, 1)]},
+}
+_BWD = {80: {"dq": _DQ, "dkdv": _DKDV, "dprefix": _DPREFIX_80},
+        90: {"dq": _DQ, "dkdv": _DKDV_90, "dprefix": _DKDV_90}}
+# The interpreter: one fixed small configuration (tests may change it to exercise more tiles).
+INTERPRET_CONFIG = Config(32, 32, 4, 1)
 
 
-def _d_bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+def fp32_dots(dtype: torch.dtype, block_d: int) -> bool:
+    """Whether the kernels multiply in exact fp32 (see attention_bwd_prefix.py)."""
+    return INTERPRET or (dtype == torch.float32 and block_d > 128)
 
 
-def gpu_configs(kernel: str, block_d: int) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in _GPU_TABLE[kernel][_d_bucket(block_d)]]
+def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int) -> list[Config]:
+    """Every configuration the backward may pick for ``kernel`` ("dq", "dkdv", "dprefix")."""
+    table = _BWD[90 if arch >= 90 else 80][kernel]
+    bucket = next(ub for ub in configs.HEAD_DIM_BUCKETS if block_d <= ub)
+    return list(table["fp32" if dtype == torch.float32 else "16bit"][bucket])
 
 
-_KERNELS = {"dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "dprefix": _bwd_dprefix_kernel}
+_TUNED: dict = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned(kernel: str, block_d: int):
-    # Every kernel writes its outputs once (stores, no accumulation), so the autotuner's
-    # repeated benchmark launches leave the right result.
-    return triton.autotune(configs=gpu_configs(kernel, block_d),
-                           key=["Hq", "Hkv", "Nq", "P", "D"] + (["Nk"] if kernel != "dprefix" else []),
-                           )(_KERNELS[kernel])
+def _preprocess_block_m(bd: int) -> int:
+    """Rows per preprocess program: two (BLOCK_M, BLOCK_D) fp32 tiles stay at 64 registers a
+    thread with 4 warps."""
+    return max(16, 4096 // bd)
 
 
 def _launch(name: str, kernel, grid, *args, **kwargs):
-    """The single launch point (tests spy on it to count launches per kernel)."""
+    """The single launch point of this module (tests spy on it to count launches per kernel)."""
     kernel[grid](*args, **kwargs)
 
 
-def _run(name: str, grid_fn, block_d: int, *args, **kwargs):
-    if INTERPRET:
-        meta = dict(INTERPRET_CONFIG)
-        _launch(name, _KERNELS[name], grid_fn(meta), *args, **kwargs, **meta)
-    else:
-        _launch(name, _autotuned(name, block_d), grid_fn, *args, **kwargs)
+def _run(name: str, kernel, grid_fn, key: tuple, dtype, block_d: int, device, *args, **kwargs):
+    """Launch ``kernel`` with the configuration for this call: fixed under the interpreter, else
+    timed once per key. Every kernel only stores its outputs (no accumulation into them), so
+    the timing launches leave the right result."""
+    def run(cfg):
+        _launch(name, kernel, grid_fn(cfg), *args, **kwargs, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if INTERPRET or device.type != "cuda":
+        return run(INTERPRET_CONFIG)
+    major, minor = torch.cuda.get_device_capability(device)
+    full_key = (name, major, dtype, block_d) + key
+    if full_key not in _TUNED:
+        cands = candidates(name, major * 10 + minor, dtype, block_d)
+        times = [triton.testing.do_bench(lambda c=c: run(c), warmup=3, rep=10) for c in cands]
+        _TUNED[full_key] = cands[min(range(len(cands)), key=times.__getitem__)]
+    run(_TUNED[full_key])
+
+
+def _prefix_split(num_programs: int, nq: int, device) -> int:
+    """Split the prefix kernel's query contraction over NSPLIT programs when its grid (T * Hkv *
+    cdiv(P, BLOCK_N)) is too small to fill the GPU; partials are summed in a fixed order."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(nq, 128), (2 * sms) // max(num_programs, 1), 16))
 
 
 # ----------------------------------------------------------------------------------------------
 # Host wrapper
 # ----------------------------------------------------------------------------------------------
 
-def _empty(shape, dtype, device):
-    """Output allocation; NaN-filled when PTKERNELS_DEBUG_POISON=1 (a kernel that forgets to
-    write an element shows up)."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("PTKERNELS_DEBUG_POISON", "0") == "1" and dtype.is_floating_point:
-        x.fill_(float("nan"))
-    return x
-
-
-def _strides(x, n):
-    return tuple(x.stride()) if x is not None else (0,) * n
-
-
-def _prefix_split(num_programs: int, n_m_blocks: int, device) -> int:
-    """Split the prefix kernel's query contraction when its grid is too small to fill the GPU."""
-    if INTERPRET or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_m_blocks // 2, (2 * sms) // max(num_programs, 1), 16))
-
-
 def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,
                          key_padding_mask, attn_bias, dropout_seed, out, lse, causal, window,
                          softcap, scale, dropout_p, output_mask):
-    """Triton ``prefix_attention_bwd``; returns (dq, dk, dv, dprefix_k, dprefix_v), empty tensors
-    for the gradients ``output_mask`` does not ask for. Shapes: q, out, grad_out (B, Hq, Nq, D);
-    k, v (B, Hkv, Nk, D); prefix_k/v (T, Hkv, P, D) or None; lse, grad_lse (B, Hq, Nq)."""
+    """Backend entry point (signature and semantics of ``ptkernels.backends.eager``'s).
+
+    Shapes: q, out, grad_out (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); prefix_k/v (T, Hkv, P, D) or
+    None; lse, grad_lse (B, Hq, Nq). Returns (dq, dk, dv, dprefix_k, dprefix_v) in the inputs'
+    dtypes, an empty tensor for each gradient ``output_mask`` does not ask for.
+    """
     need_dq, need_dk, need_dv, need_dpk, need_dpv = (bool(x) for x in output_mask)
     has_prefix = prefix_k is not None and prefix_k.shape[2] > 0
     need_dpk, need_dpv = need_dpk and has_prefix, need_dpv and has_prefix
@@ -350,53 +369,52 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     hkv, nk = k.shape[1], k.shape[2]
     p_len = prefix_k.shape[2] if has_prefix else 0
     dev = q.device
-    block_d = max(16, triton.next_power_of_2(d))
-    fp32_in = q.dtype == torch.float32
-    dummy = torch.empty(1, dtype=q.dtype, device=dev)
+    bd = block_d(d)
+    dummy = q  # stands in for absent tensors (never read: their flag is off)
+
+    def grad_buf(x, need):
+        return alloc(x.shape, x.dtype, dev) if need else q.new_empty(0)
+
+    dq = grad_buf(q, need_dq)
+    dk, dv = grad_buf(k, need_dk), grad_buf(v, need_dv)
+    dpk = grad_buf(prefix_k, need_dpk) if prefix_k is not None else q.new_empty(0)
+    dpv = grad_buf(prefix_v, need_dpv) if prefix_v is not None else q.new_empty(0)
+    if b * hq * nq == 0 or not (need_dq or need_dk or need_dv or need_dpk or need_dpv):
+        return tuple(g.zero_() for g in (dq, dk, dv, dpk, dpv))
 
     mode = 0
     if has_prefix:
         mode = 2 if prefix_index is not None else (0 if prefix_k.shape[0] == 1 else 1)
-    seed = int(dropout_seed.reshape(-1)[0].item()) % 2 ** 31 if dropout_p > 0 else 0
+    seed = seed_from_tensor(dropout_seed) if dropout_p > 0 else 0
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     lse = lse.contiguous()
     opts = dict(window=window if window > 0 else 0, scale=float(scale),
                 softcap=float(softcap) if softcap > 0 else 1.0, dropout_p=float(dropout_p),
                 seed=seed)
     flags = dict(HAS_BIAS=attn_bias is not None, SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0,
-                 BLOCK_D=block_d, INTERPRET=INTERPRET, FP32_IN=fp32_in)
-
-    def grad_buf(x, need):
-        if not need:
-            return q.new_empty(0)
-        return _empty(x.shape, x.dtype, dev)
-
-    dq = grad_buf(q, need_dq)
-    dk, dv = grad_buf(k, need_dk), grad_buf(v, need_dv)
-    dpk = grad_buf(prefix_k, need_dpk) if prefix_k is not None else q.new_empty(0)
-    dpv = grad_buf(prefix_v, need_dpv) if prefix_v is not None else q.new_empty(0)
-    if not (need_dq or need_dk or need_dv or need_dpk or need_dpv) or b * hq * nq == 0:
-        for g in (dq, dk, dv, dpk, dpv):
-            g.zero_()
-        return dq, dk, dv, dpk, dpv
+                 BLOCK_D=bd, FP32_DOTS=fp32_dots(q.dtype, bd))
+    tune_key = (hq, hkv, nq > 1024, nk > 1024, p_len > 256,
+                tuple(sorted(k for k, v in flags.items() if v is True)))
 
     delta = torch.empty((b, hq, nq), dtype=torch.float32, device=dev)
-    _launch("preprocess", _bwd_preprocess_kernel, (triton.cdiv(nq, 64), b * hq),
+    pre_m = _preprocess_block_m(bd)
+    _launch("preprocess", _bwd_preprocess_kernel, (triton.cdiv(nq, pre_m), b * hq),
             out, grad_out, grad_lse if grad_lse is not None else dummy, delta,
-            *out.stride(), *grad_out.stride(), *_strides(grad_lse, 3), hq, nq, d,
-            HAS_GLSE=grad_lse is not None, BLOCK_M=64, BLOCK_D=block_d)
+            *out.stride(), *grad_out.stride(), *strides(grad_lse, 3), hq, nq, d,
+            HAS_GLSE=grad_lse is not None, BLOCK_M=pre_m, BLOCK_D=bd, num_warps=4)
 
     bias = attn_bias if attn_bias is not None else dummy
-    s_bias = _strides(attn_bias, 4)
-    pk = prefix_k if has_prefix else dummy
-    pv = prefix_v if has_prefix else dummy
+    s_bias = strides(attn_bias, 4)
+    kpm_t = kpm if kpm is not None else dummy
 
     if need_dq:
-        _run("dq", lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), block_d,
-             q, k, v, pk, pv, prefix_index if mode == 2 else dummy, kpm if kpm is not None else dummy,
-             bias, grad_out, lse, delta, dq,
-             *q.stride(), *k.stride(), *v.stride(), *_strides(prefix_k if has_prefix else None, 4),
-             *_strides(prefix_v if has_prefix else None, 4), *_strides(kpm, 2), *s_bias,
+        _run("dq", _bwd_dq_kernel, lambda c: (triton.cdiv(nq, c.block_m), b * hq),
+             tune_key + (mode,),
+             q.dtype, bd, dev,
+             q, k, v, prefix_k if has_prefix else dummy, prefix_v if has_prefix else dummy,
+             prefix_index if mode == 2 else dummy, kpm_t, bias, grad_out, lse, delta, dq,
+             *q.stride(), *k.stride(), *v.stride(), *strides(prefix_k if has_prefix else None, 4),
+             *strides(prefix_v if has_prefix else None, 4), *strides(kpm, 2), *s_bias,
              *grad_out.stride(), *dq.stride(),
              hq, hkv, nq, nk, p_len, d, **opts,
              MODE=mode, HAS_PREFIX=has_prefix, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
@@ -404,37 +422,40 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
 
     if (need_dk or need_dv) and nk > 0:
         like = dk if need_dk else dv
-        _run("dkdv", lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv), block_d,
-             q, k, v, kpm if kpm is not None else dummy, bias, grad_out, lse, delta,
+        _run("dkdv", _bwd_dkdv_kernel, lambda c: (triton.cdiv(nk, c.block_n), b * hkv), tune_key,
+             q.dtype, bd, dev,
+             q, k, v, kpm_t, bias, grad_out, lse, delta,
              dk if need_dk else dummy, dv if need_dv else dummy,
-             *q.stride(), *k.stride(), *v.stride(), *_strides(kpm, 2), *s_bias,
+             *q.stride(), *k.stride(), *v.stride(), *strides(kpm, 2), *s_bias,
              *grad_out.stride(), *like.stride(),
              hq, hkv, nq, nk, p_len, d, **opts,
              CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_PAD=kpm is not None,
              NEED_DK=need_dk, NEED_DV=need_dv, **flags)
+    elif need_dk or need_dv:  # Nk == 0: empty gradients, nothing to write
+        dk.zero_()
+        dv.zero_()
 
     if need_dpk or need_dpv:
         t = prefix_k.shape[0]
-        if mode == 2:
+        rows = row_start = dummy
+        if mode == 2:  # the batch rows of each bank prefix, sorted by prefix
             rows = torch.argsort(prefix_index, stable=True).to(torch.int32)
-            counts = torch.bincount(prefix_index, minlength=t)
             row_start = torch.zeros(t + 1, dtype=torch.int32, device=dev)
-            row_start[1:] = torch.cumsum(counts, 0)
-        else:
-            rows = row_start = dummy
-        nsplit = _prefix_split(triton.cdiv(p_len, 64) * t * hkv, triton.cdiv(nq, 64), dev)
-        if nsplit > 1:  # float32 partials, summed below in a fixed order
+            row_start[1:] = torch.cumsum(torch.bincount(prefix_index, minlength=t), 0)
+        nsplit = _prefix_split(triton.cdiv(p_len, 64) * t * hkv, nq, dev)
+        if nsplit > 1:  # float32 partials (NSPLIT, T, Hkv, P, D), summed below in a fixed order
             gk = torch.empty((nsplit,) + tuple(prefix_k.shape), dtype=torch.float32, device=dev)
             gv = torch.empty_like(gk)
             s_g = gk.stride()
         else:
             gk, gv = (dpk if need_dpk else dummy), (dpv if need_dpv else dummy)
-            like = dpk if need_dpk else dpv
-            s_g = (0,) + tuple(like.stride())
-        _run("dprefix", lambda meta: (triton.cdiv(p_len, meta["BLOCK_N"]), t * hkv, nsplit), block_d,
+            s_g = (0,) + tuple((dpk if need_dpk else dpv).stride())
+        _run("dprefix", _bwd_dprefix_kernel,
+             lambda c: (triton.cdiv(p_len, c.block_n), t * hkv, nsplit), tune_key + (mode, nsplit),
+             q.dtype, bd, dev,
              q, grad_out, lse, delta, prefix_k, prefix_v, bias, rows, row_start, gk, gv,
-             *q.stride(), *grad_out.stride(), *prefix_k.stride(), *prefix_v.stride(), *s_bias, *s_g,
-             b, hq, hkv, nq, p_len, d, p_len + nk,
+             *q.stride(), *grad_out.stride(), *prefix_k.stride(), *prefix_v.stride(), *s_bias,
+             *s_g, b, hq, hkv, nq, p_len, d, p_len + nk,
              opts["scale"], opts["softcap"], opts["dropout_p"], seed,
              MODE=mode, NEED_DK=need_dpk, NEED_DV=need_dpv, NSPLIT=nsplit, **flags)
         if nsplit > 1:
@@ -442,8 +463,76 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
                 dpk.copy_(gk.sum(0))
             if need_dpv:
                 dpv.copy_(gv.sum(0))
-    if need_dk and nk == 0:
-        dk.zero_()
-    if need_dv and nk == 0:
-        dv.zero_()
     return dq, dk, dv, dpk, dpv
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/triton_aot.py): every configuration ``candidates`` may pick,
+# with the heaviest feature set (bank prefix, causal, window, padding, bias, softcap, dropout,
+# all gradients).
+# ----------------------------------------------------------------------------------------------
+
+_ALL_FEATURES = dict(MODE=2, HAS_PREFIX=True, CAUSAL=True, HAS_WINDOW=True, HAS_PAD=True,
+                     HAS_BIAS=True, SOFTCAP=True, DROPOUT=True, NEED_DK=True, NEED_DV=True,
+                     NSPLIT=1)
+# Unit strides the JIT specializes to 1 for contiguous inputs (head dim, mask and bias columns).
+_UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_pd", "s_pvd", "s_kpn", "s_bn", "s_dod", "s_dqd",
+                 "s_gd")
+_FLOAT_ARGS = ("scale", "softcap", "dropout_p")
+_POINTERS = {"q_ptr": "DT", "k_ptr": "DT", "v_ptr": "DT", "pk_ptr": "DT", "pv_ptr": "DT",
+             "do_ptr": "DT", "dq_ptr": "DT", "dk_ptr": "DT", "dv_ptr": "DT", "dpk_ptr": "DT",
+             "dpv_ptr": "DT", "pidx_ptr": "i64", "kpm_ptr": "u8", "bias_ptr": "fp32",
+             "lse_ptr": "fp32", "delta_ptr": "fp32", "rows_ptr": "i32", "row_start_ptr": "i32"}
+
+
+def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
+    out = []
+    for dtype in configs.DTYPES:
+        dt = SIG_DTYPE[dtype]
+        ptrs = {a: "*" + (dt if t == "DT" else t) for a, t in _POINTERS.items()
+                if a in kernel.arg_names}
+        for bd in configs.HEAD_DIM_BUCKETS:
+            for cfg in candidates(name, arch, dtype, bd):
+                exact = dtype == torch.float32 and bd > 128  # fp32_dots() on a GPU
+                cx = dict(_ALL_FEATURES, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+                          FP32_DOTS=exact, **{s: 1 for s in _UNIT_STRIDES})
+                cx = {k: v for k, v in cx.items() if k in kernel.arg_names}
+                sig = aot_signature(kernel, ptrs, _FLOAT_ARGS, cx)
+                div16 = [a for a in sig if a in ptrs or (a.startswith("s_") and sig[a] == "i32")]
+                out.append({"label": f"{dt} d{bd} all-features" + (" fp32-dots" if exact else ""),
+                            "config": str(cfg), "signature": sig, "constexprs": cx,
+                            "div16": div16, "num_warps": cfg.num_warps,
+                            "num_stages": cfg.num_stages, "tensor_cores": not exact})
+    return out
+
+
+def _preprocess_variants(arch: int) -> list[dict]:
+    out = []
+    for dtype in configs.DTYPES:
+        dt = SIG_DTYPE[dtype]
+        ptrs = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "glse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        for bd in configs.HEAD_DIM_BUCKETS:
+            cx = {"HAS_GLSE": True, "BLOCK_M": _preprocess_block_m(bd), "BLOCK_D": bd,
+                  "s_od": 1, "s_dod": 1}
+            sig = aot_signature(_bwd_preprocess_kernel, ptrs, (), cx)
+            div16 = [a for a in sig if a in ptrs or (a.startswith("s_") and a != "s_gm")]
+            out.append({"label": f"{dt} d{bd} grad_lse", "config": f"{cx['BLOCK_M']} rows w4 s1",
+                        "signature": sig, "constexprs": cx, "div16": div16, "num_warps": 4,
+                        "num_stages": 1, "tensor_cores": False})
+    return out
+
+
+AOT_SPECS = [
+    {"name": "attention_bwd_preprocess", "kernel": _bwd_preprocess_kernel,
+     "description": "delta = rowsum(dO * O) - grad_lse (backward)",
+     "variants": _preprocess_variants},
+    {"name": "attention_bwd_dq", "kernel": _bwd_dq_kernel,
+     "description": "dQ over prefix + sequence keys (backward)",
+     "variants": lambda arch: _aot_variants(_bwd_dq_kernel, "dq", arch)},
+    {"name": "attention_bwd_dkdv", "kernel": _bwd_dkdv_kernel,
+     "description": "dK/dV of the sequence keys, GQA heads reduced in-program (backward)",
+     "variants": lambda arch: _aot_variants(_bwd_dkdv_kernel, "dkdv", arch)},
+    {"name": "attention_bwd_dprefix", "kernel": _bwd_dprefix_kernel,
+     "description": "dprefix_k/dprefix_v, contraction over all query rows (prompt-only backward)",
+     "variants": lambda arch: _aot_variants(_bwd_dprefix_kernel, "dprefix", arch)},
+]

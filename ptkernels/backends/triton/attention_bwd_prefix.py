@@ -27,44 +27,38 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ptkernels.backends.triton._common import mma
 
-@triton.jit
-def _dot(a, b, acc, INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
-    """acc + a @ b with float32 accumulation.
 
-    The interpreter multiplies bf16 bit patterns as integers, so there both operands go up to
-    float32 (exact "ieee" product); float32 inputs on a GPU use 3xTF32 (tensor cores, ~fp32
-    accuracy); fp16/bf16 go to the tensor cores as they are.
-    """
-    if INTERPRET:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif FP32_IN:
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
+# FP32_DOTS (a constexpr of every kernel here): upcast tiles right after the load and multiply in
+# exact fp32 (``mma``'s interpreter branch: "ieee" dots). True under the interpreter (bf16 math on
+# raw bits is garbage there) and, on the GPU, for float32 inputs with a head dim > 128, where the
+# 3xTF32 tensor-core tiles cannot avoid register spills; False elsewhere (tensor cores).
 
 
 @triton.jit
-def _load(ptrs, mask, INTERPRET: tl.constexpr):
-    """Masked load; under the interpreter upcast at once (no bf16 arithmetic there)."""
+def _load(ptrs, mask, FP32_DOTS: tl.constexpr):
+    """Masked load; with FP32_DOTS upcast at once (no bf16 arithmetic in the interpreter)."""
     x = tl.load(ptrs, mask=mask, other=0.0)
-    if INTERPRET:
+    if FP32_DOTS:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 when exp overflows/underflows.
+    # tanh(x) = 1 - 2 / (exp(2x) + 1) (the forward's formula): exact limits +-1 at overflow.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
-def _dropout_keep(seed, b, h, Hq, offs_row, offs_col, row_len, dropout_p):
-    """keep(b, h, i, col) = rand(seed + b*Hq + h, i*(P+Nk) + col) >= p (the forward's formula);
-    ``offs_row``/``offs_col`` broadcast to the tile, columns prefix-first."""
-    return tl.rand(seed + (b * Hq + h), offs_row * row_len + offs_col) >= dropout_p
+def _dropout_keep_t(seed, bh, rows, cols, n_cols, p):
+    """``dropout.dropout_keep`` laid out (cols, rows) for this (keys x queries) tile: the same
+    formula element by element, keep = rand(seed + bh, i * (P + Nk) + j) >= p. Generating it
+    transposed avoids a layout conversion (shared memory + registers) of the (rows, cols) mask."""
+    head_seed = bh.to(tl.int64) + seed
+    offsets = rows[None, :] * n_cols + cols[:, None]
+    return tl.rand(head_seed, offsets.to(tl.int32)) >= p
 
 
 @triton.jit
@@ -76,7 +70,7 @@ def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_ba
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
+                    FP32_DOTS: tl.constexpr):
     """dK/dV contributions of the query block [m0, m0 + BLOCK_M) of head (b, h) to one key block.
 
     k, v: (BN, BLOCK_D) tiles; offs_n (BN,) key index within its segment; col_valid (BN,) keys
@@ -88,14 +82,14 @@ def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_ba
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Nq
     md = row_ok[:, None] & (offs_d[None, :] < D)
-    q = _load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, INTERPRET)
-    do = _load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md, INTERPRET)
+    q = _load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
+    do = _load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md, FP32_DOTS)
     # Rows past Nq or that see no key (lse == -inf) get lse = +inf: probability exactly 0.
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
 
-    s = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), INTERPRET, FP32_IN)
+    s = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), FP32_DOTS)
     s = s * scale
     if SOFTCAP:
         t = _tanh(s / softcap)
@@ -111,23 +105,22 @@ def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_ba
         visible = visible & (offs_m[None, :] + diag_off - offs_n[:, None] < window)
     p = tl.where(visible, tl.exp(s - lse[None, :]), 0.0)
     if DROPOUT:
-        keep = _dropout_keep(seed, b, h, Hq, offs_m[None, :], col0 + offs_n[:, None], row_len,
-                             dropout_p)
+        keep = _dropout_keep_t(seed, b * Hq + h, offs_m, col0 + offs_n, row_len, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
     else:
         p_drop = p
     if NEED_DV:
-        dv = _dot(p_drop.to(DT), do, dv, INTERPRET, FP32_IN)
+        dv = mma(p_drop.to(DT), do, dv, FP32_DOTS)
     if NEED_DK:
-        dp = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), INTERPRET, FP32_IN)
+        dp = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), FP32_DOTS)
         if DROPOUT:
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[None, :])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         ds = ds * scale
-        dk = _dot(ds.to(DT), q, dk, INTERPRET, FP32_IN)
+        dk = mma(ds.to(DT), q, dk, FP32_DOTS)
     return dk, dv
 
 
@@ -145,7 +138,7 @@ def _bwd_dprefix_kernel(
         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
         NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, NSPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
+        FP32_DOTS: tl.constexpr):
     """Grid (cdiv(P, BLOCK_N), T * Hkv, NSPLIT). prefix_k/v (T, Hkv, P, D); dprefix the same
     (with a leading NSPLIT dimension when split). Bank: ``rows_ptr`` holds the batch rows sorted
     by prefix, ``row_start_ptr`` (T + 1,) where prefix t's rows start."""
@@ -161,9 +154,9 @@ def _bwd_dprefix_kernel(
     nd = col_valid[:, None] & (offs_d[None, :] < D)
     t64 = t.to(tl.int64)
     k = _load(pk_ptr + t64 * s_pt + hk * s_ph + offs_n[:, None] * s_pn + offs_d[None, :] * s_pd,
-              nd, INTERPRET)
+              nd, FP32_DOTS)
     v = _load(pv_ptr + t64 * s_vt + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-              nd, INTERPRET)
+              nd, FP32_DOTS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if MODE == 0:
@@ -195,7 +188,7 @@ def _bwd_dprefix_kernel(
                     m0, offs_n, col_valid, b, h, Hq, Nq, D, 0, 0,
                     scale, softcap, dropout_p, seed, row_len, 0,
                     False, False, HAS_BIAS, SOFTCAP, DROPOUT, NEED_DK, NEED_DV,
-                    BLOCK_M, BLOCK_N, BLOCK_D, INTERPRET, FP32_IN)
+                    BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     out_off = (split * s_gs + t64 * s_gt + hk * s_gh + offs_n[:, None] * s_gn
                + offs_d[None, :] * s_gd)
     if NEED_DK:
