@@ -46,7 +46,8 @@ def is_available(op: str, device: torch.device) -> tuple[bool, str]:
         return False, f"unknown op {op!r}"
     if not has_cuda_kernels(op):
         return False, (f"ptkernels._C has no CUDA kernels for {op} (built without nvcc / a CUDA "
-                       "build of torch, or PTKERNELS_BUILD_CUDA=0)")
+                       "build of torch, PTKERNELS_BUILD_CUDA=0, or built before csrc/*.cu existed: "
+                       "rebuild with `make install`)")
     if device.type != "cuda":
         return False, "the CUDA kernels run on CUDA tensors only"
     major, minor = torch.cuda.get_device_capability(device)
