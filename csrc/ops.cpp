@@ -65,9 +65,10 @@ std::tuple<Tensor, Tensor> gpc_cell_fwd_meta(const Tensor& update, const Tensor&
                                              const Tensor& bias, std::string_view variant) {
   TORCH_CHECK(update.dim() == 3, "gpc_cell_fwd: update must be (B, m, d), got ", update.dim(), " dims");
   // new_state: (B, m, d) in update's dtype (state may be (m, d), broadcast over the batch);
-  // preact: the gate pre-activations [a_f, a_r], float32 (B, m, 2d).
+  // preact: the gate pre-activations, float32 (B, m, n_gates * d) = weight's column count
+  // (2d for "lstm"/"reinject", 3d for "candidate", d for "gru").
   Tensor new_state = at::empty_symint(update.sym_sizes(), update.options());
-  std::vector<c10::SymInt> preact_shape{update.sym_size(0), update.sym_size(1), update.sym_size(2) * 2};
+  std::vector<c10::SymInt> preact_shape{update.sym_size(0), update.sym_size(1), weight.sym_size(1)};
   Tensor preact = at::empty_symint(preact_shape, update.options().dtype(at::kFloat));
   return {new_state, preact};
 }

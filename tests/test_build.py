@@ -116,6 +116,14 @@ def test_gpc_cell_meta_shapes(native, state_shape):
     assert [g.numel() for g in grads] == [0, s.numel(), 0, b.numel()]
 
 
+@pytest.mark.parametrize("variant,gates", [("gru", 1), ("lstm", 2), ("reinject", 2), ("candidate", 3)])
+def test_gpc_cell_meta_preact_has_one_block_per_gate(native, variant, gates):
+    u, s = _meta(2, 4, 16), _meta(4, 16)
+    w, b = _meta(32, 16 * gates), _meta(16 * gates)
+    _, preact = torch.ops.ptk.gpc_cell_fwd(u, s, w, b, variant)
+    assert preact.shape == (2, 4, 16 * gates)
+
+
 def test_meta_kernels_trace_with_symbolic_shapes(native):
     from torch.fx.experimental.proxy_tensor import make_fx
 
