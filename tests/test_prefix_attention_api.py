@@ -120,3 +120,21 @@ def test_describe_lists_every_op_and_backend():
 def test_float64_only_on_eager():
     kw = {n: x.double() for n, x in _ok().items()}
     ptkernels.prefix_attention(**kw, backend="eager")
+
+
+def test_auto_order_on_cuda_prefers_cuda_for_decode_shapes(monkeypatch):
+    """With every backend available on a GPU: training-size attention -> triton, decode-size
+    attention and the GPC cell -> cuda (the documented defaults until benchmarks say otherwise)."""
+    monkeypatch.setattr(backends, "availability", lambda name, op, device: (True, "test"))
+    gpu = torch.device("cuda", 0)
+    assert backends.resolve("prefix_attention", gpu) == "triton"
+    assert backends.resolve("prefix_attention", gpu, "auto", "decode") == "cuda"
+    assert backends.resolve("gpc_cell", gpu) == "cuda"
+    assert backends.is_decode_shape(1, 4096) and not backends.is_decode_shape(64, 4096)
+    seen = []
+    monkeypatch.setattr(backends, "resolve", lambda op, dev, req, variant=None: seen.append(variant) or "eager")
+    q = torch.randn(1, 2, 1, 8)
+    k = v = torch.randn(1, 2, 600, 8)
+    ptkernels.prefix_attention(q, k, v)
+    ptkernels.prefix_attention(q.expand(1, 2, 20, 8), k, v)
+    assert seen == ["decode", None]

@@ -26,20 +26,32 @@ _MODULES = {
     "cuda": "ptkernels.backends.cuda",
 }
 
-# Preference per op on a CUDA device, best first. Decode-sized attention and the GPC cell
-# prefer the CUDA extension until benchmarks say otherwise; the Triton kernels carry the
-# training-time attention. CPU tensors always use eager under auto (the Triton interpreter is
-# a test vehicle, not a fast path).
+# Preference per op on a CUDA device, best first. Decode-sized attention (few query rows
+# against many keys: ``is_decode_shape``) and the GPC cell prefer the CUDA extension until
+# benchmarks say otherwise; the Triton kernels carry the training-time attention. CPU tensors
+# always use eager under auto (the Triton interpreter is a test vehicle, not a fast path).
 AUTO_ORDER = {
     "cuda": {
         "prefix_attention": ("triton", "cuda", "eager"),
+        "prefix_attention/decode": ("cuda", "triton", "eager"),
         "gpc_cell": ("cuda", "triton", "eager"),
     },
     "cpu": {
         "prefix_attention": ("eager",),
+        "prefix_attention/decode": ("eager",),
         "gpc_cell": ("eager",),
     },
 }
+
+DECODE_MAX_NQ = 16
+DECODE_MIN_KEYS = 512
+
+
+def is_decode_shape(nq: int, nkeys: int) -> bool:
+    """Generation with a KV cache: a few query rows against many keys (prefix + sequence).
+
+    Such calls take split-K kernels (one program per row block would leave the GPU idle)."""
+    return nq <= DECODE_MAX_NQ and nkeys >= DECODE_MIN_KEYS
 
 
 class BackendUnavailableError(RuntimeError):
@@ -74,8 +86,10 @@ def availability(name: str, op: str, device: torch.device) -> tuple[bool, str]:
     return mod.is_available(op, torch.device(device))
 
 
-def resolve(op: str, device: torch.device, requested: str = "auto") -> str:
-    """Return the backend name that runs ``op`` on ``device`` for the user's request."""
+def resolve(op: str, device: torch.device, requested: str = "auto", variant: str | None = None) -> str:
+    """Return the backend name that runs ``op`` on ``device`` for the user's request.
+
+    ``variant`` ("decode") selects the op's shape-specific preference order under auto."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     device = torch.device(device)
@@ -93,7 +107,8 @@ def resolve(op: str, device: torch.device, requested: str = "auto") -> str:
     if requested == "auto":
         kind = "cuda" if device.type == "cuda" else "cpu"
         reasons = []
-        for name in AUTO_ORDER[kind][op]:
+        order = AUTO_ORDER[kind].get(f"{op}/{variant}" if variant else op, AUTO_ORDER[kind][op])
+        for name in order:
             ok, why = availability(name, op, device)
             if ok:
                 return name

@@ -260,7 +260,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     attn_bias = _check_bias(attn_bias, b, hq, nq, p_len + nk, q)
-    name = backends.resolve("prefix_attention", q.device, backend)
+    decode = backends.is_decode_shape(nq, p_len + nk)
+    name = backends.resolve("prefix_attention", q.device, backend, "decode" if decode else None)
     if q.dtype == torch.float64 and name != "eager":
         raise TypeError(f"float64 inputs run only on the eager backend, not {name!r}")
 

@@ -36,8 +36,7 @@ from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-DECODE_MAX_NQ = 16
-DECODE_MIN_KEYS = 512
+from ptkernels.backends import DECODE_MAX_NQ, DECODE_MIN_KEYS, is_decode_shape  # noqa: E402,F401
 
 
 @triton.jit
@@ -268,7 +267,7 @@ def forward_main(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, at
 
 def use_decode(nq: int, p: int, nk: int) -> bool:
     """The dispatch rule: split-K decode for few query rows against many keys."""
-    return nq <= DECODE_MAX_NQ and p + nk >= DECODE_MIN_KEYS
+    return is_decode_shape(nq, p + nk)
 
 
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
