@@ -125,6 +125,36 @@ def sequence_bounds(m0, Nk, q_off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def start_query_block(Q, sqb, sqh, sqm, sqd, b, h, m0, Nq, D, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """Load the BLOCK_M query rows [m0, m0 + BLOCK_M) of (b, h) and an empty softmax state.
+
+    Returns rows, row_ok, offs_d, d_ok, q, acc (BLOCK_M, BLOCK_D) fp32, m_i = -inf, l_i = 0.
+    """
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Nq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERPRET:
+        q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return rows, row_ok, offs_d, d_ok, q, acc, m_i, l_i
+
+
+@triton.jit
+def finish_rows(acc, m_i, l_i):
+    """Normalized output and natural-log lse; rows that saw no key give 0 and -inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, OUT, LSE,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 spkt, spkh, spkn, spkd, spvt, spvh, spvn, spvd,
@@ -141,17 +171,8 @@ def _fwd_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, OUT, LSE,
     h = bh % Hq
     kvh = (h // G).to(tl.int64)
     m0 = pid_m * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < Nq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if INTERPRET:
-        q = q.to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rows, row_ok, offs_d, d_ok, q, acc, m_i, l_i = start_query_block(
+        Q, sqb, sqh, sqm, sqd, b, h, m0, Nq, D, BLOCK_M, BLOCK_D, INTERPRET)
     bias_base = BIAS + b * sbb + h * sbh
     n_cols = P + Nk
     q_off = Nk - Nq
@@ -175,9 +196,7 @@ def _fwd_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, OUT, LSE,
         BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
         HAS_DROPOUT, INTERPRET)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i)
     tl.store(OUT + b * sob + h * soh + rows[:, None] * som + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse, mask=row_ok)

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ptkernels.backends.triton import configs
 from ptkernels.backends.triton._common import INTERPRET, alloc
-from ptkernels.backends.triton.attention_fwd import (LN2, Launch, aot_variants, attend_segment,
-                                                     pick_config, sequence_bounds)
+from ptkernels.backends.triton.attention_fwd import (Launch, aot_variants, attend_segment,
+                                                     finish_rows, pick_config, sequence_bounds,
+                                                     start_query_block)
 
 # Keys per split: enough to amortize a program's setup, small enough to spread a 4k cache over
 # a few dozen programs per (b, h).
@@ -47,17 +47,8 @@ def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
     h = bh % Hq
     kvh = (h // G).to(tl.int64)
     m0 = pid_m * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < Nq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if INTERPRET:
-        q = q.to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rows, row_ok, offs_d, d_ok, q, acc, m_i, l_i = start_query_block(
+        Q, sqb, sqh, sqm, sqd, b, h, m0, Nq, D, BLOCK_M, BLOCK_D, INTERPRET)
     bias_base = BIAS + b * sbb + h * sbh
     n_cols = P + Nk
     q_off = Nk - Nq
@@ -87,9 +78,7 @@ def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
             KPM + b * skpmb, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
             HAS_DROPOUT, INTERPRET)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i)
     part = (bh.to(tl.int64) * n_split + split) * Nq + rows
     tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
     tl.store(L_PART + part, lse, mask=row_ok)
