@@ -28,7 +28,7 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// A zero-element tensor: the placeholder for a gradient that output_mask says is not needed.
+// A zero-element tensor stands for a gradient that output_mask says is not needed.
 Tensor empty_grad(const at::TensorOptions& options) { return at::empty({0}, options); }
 
 Tensor like(const Tensor& t) { return at::empty_symint(t.sym_sizes(), t.options()); }

@@ -22,6 +22,13 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton gpc_cell unavai
                                   + availability("triton", "gpc_cell", torch.device(DEVICE))[1])
 
 
+def test_triton_gpc_cell_is_available():
+    """The Triton tests below skip only off-Linux; here (CI) a broken import must fail, not skip."""
+    import sys
+    if sys.platform.startswith("linux"):
+        assert HAS_TRITON, availability("triton", "gpc_cell", torch.device(DEVICE))[1]
+
+
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("PTKERNELS_DEBUG_POISON", "1")
