@@ -117,4 +117,7 @@ def test_every_kernel_compiles_without_spills(tmp_path):
         kernels = {k for k, a in table if a == f"sm_{arch}"}
         # 3 head-dim buckets x (3 dtypes x (dq, dk/dv, dprefix) + 3 forward) + 3 delta kernels
         assert len(kernels) >= 39, f"sm_{arch}: only {len(kernels)} kernels compiled"
+        # float16 / bfloat16 backward on tensor cores: 2 dtypes x 3 buckets x (dQ, dK/dV, dprefix)
+        n_tc_bwd = sum("bwd_tc" in names[k] for k in kernels)
+        assert n_tc_bwd == 18, f"sm_{arch}: {n_tc_bwd} tensor-core backward kernels, expected 18"
         assert all(table[(k, f'sm_{arch}')]["regs"] <= 255 for k in kernels)

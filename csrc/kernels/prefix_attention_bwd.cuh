@@ -13,6 +13,7 @@
 //          for a bank), so the batch reduction happens in registers: no atomics, deterministic,
 //          and bank rows nobody uses get exact zeros.
 // Prompt-only backward (q, k, v frozen) launches only kernels 1 and 3-prefix.
+// float16 / bfloat16 run the same kernels with tensor-core products: prefix_attention_bwd_wmma.cuh.
 // Given the final lse and delta every key segment's backward is independent (no merge backward).
 #pragma once
 
@@ -293,16 +294,20 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttnParams p) {
 
 }  // namespace bwd
 
+// delta = rowsum(dO * O) - grad_lse into p.delta (shared by the CUDA-core and tensor-core paths).
+template <typename T>
+inline void launch_prefix_attention_bwd_delta(const AttnParams& p, ptk_stream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
+  auto kernel = bwd::delta_kernel<T>;
+  PTK_LAUNCH(kernel, dim3(static_cast<unsigned>((rows + 3) / 4)), dim3(128), 0, stream, p);
+}
+
 // Which gradient kernels run: need_dq -> dQ kernel; dk/dv pointers set -> sequence key kernel;
 // dprefix pointers set -> prefix key kernel. p.delta must point to B*Hq*Nq floats of scratch.
 template <typename T, int DMAX>
 inline void launch_prefix_attention_bwd_d(const AttnParams& p, bool need_dq, ptk_stream_t stream) {
   using TL = bwd::Tiles<DMAX>;
-  {
-    const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Nq;
-    auto kernel = bwd::delta_kernel<T>;
-    PTK_LAUNCH(kernel, dim3(static_cast<unsigned>((rows + 3) / 4)), dim3(128), 0, stream, p);
-  }
+  launch_prefix_attention_bwd_delta<T>(p, stream);
   if (need_dq) {
     auto kernel = bwd::dq_kernel<T, DMAX>;
     allow_dynamic_smem(kernel, TL::dq_smem_bytes);
@@ -323,8 +328,9 @@ inline void launch_prefix_attention_bwd_d(const AttnParams& p, bool need_dq, ptk
   }
 }
 
+// CUDA-core path (float32; any dtype compiles).
 template <typename T>
-inline void launch_prefix_attention_bwd(const AttnParams& p, bool need_dq, ptk_stream_t stream) {
+inline void launch_prefix_attention_bwd_simt(const AttnParams& p, bool need_dq, ptk_stream_t stream) {
   if (p.B * p.Hq == 0 || p.Nq == 0) return;
   if (p.D <= 64)
     launch_prefix_attention_bwd_d<T, 64>(p, need_dq, stream);
@@ -335,3 +341,7 @@ inline void launch_prefix_attention_bwd(const AttnParams& p, bool need_dq, ptk_s
 }
 
 }  // namespace ptk
+
+// The dtype dispatcher launch_prefix_attention_bwd<T> (float16 / bfloat16 -> tensor cores) lives
+// with the WMMA kernels; included here so that including this header gives the whole backward.
+#include "prefix_attention_bwd_wmma.cuh"
