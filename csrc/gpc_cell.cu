@@ -11,6 +11,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "dispatch.h"
 #include "kernels/gpc_cell.cuh"
 
 namespace ptk {
@@ -24,16 +25,6 @@ int parse_variant(std::string_view variant) {
   if (variant == "gru") return kGru;
   if (variant == "reinject") return kReinject;
   TORCH_CHECK(false, "gpc_cell: variant must be one of 'candidate', 'gru', 'lstm', 'reinject', got '", variant, "'");
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dt, Fn&& fn) {
-  switch (dt) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(__half{}); break;
-    case at::kBFloat16: fn(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "gpc_cell (cuda backend): dtype must be float32, float16 or bfloat16, got ", dt);
-  }
 }
 
 GpcParams prepare(const Tensor& update, const Tensor& state, const Tensor& weight, const Tensor& bias,
@@ -84,7 +75,7 @@ std::tuple<Tensor, Tensor> gpc_cell_fwd_cuda(const Tensor& update, const Tensor&
   p.new_state = new_state.data_ptr();
   p.preact = preact.data_ptr<float>();
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(update.scalar_type(), [&](auto tag) { launch_gpc_cell_fwd<decltype(tag)>(p, stream); });
+  dispatch_float_dtype("gpc_cell", update.scalar_type(), [&](auto tag) { launch_gpc_cell_fwd<decltype(tag)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {new_state, preact};
 }
@@ -126,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gpc_cell_bwd_cuda(const Tensor& grad_
   p.grad_weight = output_mask[2] ? gw.data_ptr() : nullptr;
   p.grad_bias = output_mask[3] ? gb.data_ptr() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(update.scalar_type(), [&](auto tag) { launch_gpc_cell_bwd<decltype(tag)>(p, stream); });
+  dispatch_float_dtype("gpc_cell", update.scalar_type(), [&](auto tag) { launch_gpc_cell_bwd<decltype(tag)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gu, gs, gw, gb};
 }

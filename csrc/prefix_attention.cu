@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dispatch.h"
 #include "kernels/prefix_attention_bwd.cuh"
 #include "kernels/prefix_attention_fwd_wmma.cuh"
 
@@ -30,16 +31,6 @@ void check_dtype(const Tensor& q) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "prefix_attention (cuda backend): q must be float32, float16 or bfloat16, got ", dt);
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dt, Fn&& fn) {
-  switch (dt) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(__half{}); break;
-    case at::kBFloat16: fn(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "prefix_attention (cuda backend): unsupported dtype ", dt);
-  }
 }
 
 // Fills the common part of AttnParams; keeps normalized copies alive in `keep`.
@@ -141,7 +132,7 @@ std::tuple<Tensor, Tensor> prefix_attention_fwd_cuda(const Tensor& q, const Tens
     r.p.part_lse = part_lse.data_ptr<float>();
   }
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float_dtype("prefix_attention", q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_prefix_attention_fwd<T>(r.p, stream);
   });
@@ -196,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd_cuda(
   p.dprefix_v = need_dpv ? dpv.data_ptr() : nullptr;
   if (!empty_problem && (need_dq || need_dk || need_dv || need_dpk || need_dpv)) {
     auto stream = c10::cuda::getCurrentCUDAStream().stream();
-    dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    dispatch_float_dtype("prefix_attention", q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       launch_prefix_attention_bwd<T>(p, need_dq, stream);
     });

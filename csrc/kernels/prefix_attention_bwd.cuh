@@ -241,17 +241,8 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttnParams p) {
 
   const int r = threadIdx.x / kTPR, lane8 = threadIdx.x % kTPR;
   const int j0 = blockIdx.x * kRows;
-  int hk, b_begin, b_end, t = 0;
-  if (PREFIX) {
-    hk = blockIdx.y;
-    t = blockIdx.z;
-    b_begin = p.prefix_mode == kPerRow ? t : 0;
-    b_end = p.prefix_mode == kPerRow ? t + 1 : p.B;
-  } else {
-    hk = blockIdx.y % p.Hkv;
-    b_begin = blockIdx.y / p.Hkv;
-    b_end = b_begin + 1;
-  }
+  const KeyBlockRole role = key_block_role<PREFIX>(p);
+  const int hk = role.hk, t = role.t, b_begin = role.b_begin, b_end = role.b_end;
   const int n_keys = PREFIX ? p.P : p.Nk;
   const int group = p.Hq / p.Hkv;
 

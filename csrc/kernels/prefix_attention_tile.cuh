@@ -19,6 +19,31 @@ struct KeySegment {
   bool is_prefix;
 };
 
+// The keys a dK/dV block owns and the batch rows that read them. A prefix block (kv head
+// blockIdx.y, prefix t = blockIdx.z) is read by row t for per-row prefixes and otherwise by every
+// row (a bank's loop skips rows that chose another prefix); a sequence block belongs to one
+// (row, kv head) pair, blockIdx.y = b * Hkv + hk. Shared by the CUDA-core and WMMA backward.
+struct KeyBlockRole {
+  int hk, t, b_begin, b_end;
+};
+
+template <bool PREFIX>
+__device__ __forceinline__ KeyBlockRole key_block_role(const AttnParams& p) {
+  KeyBlockRole r;
+  if (PREFIX) {
+    r.hk = blockIdx.y;
+    r.t = blockIdx.z;
+    r.b_begin = p.prefix_mode == kPerRow ? r.t : 0;
+    r.b_end = p.prefix_mode == kPerRow ? r.t + 1 : p.B;
+  } else {
+    r.hk = blockIdx.y % p.Hkv;
+    r.t = 0;
+    r.b_begin = blockIdx.y / p.Hkv;
+    r.b_end = r.b_begin + 1;
+  }
+  return r;
+}
+
 template <typename T>
 __device__ __forceinline__ KeySegment<T> prefix_segment(const AttnParams& p, int t, int hk) {
   KeySegment<T> s;
