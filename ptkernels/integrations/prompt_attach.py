@@ -14,8 +14,8 @@ import functools
 
 import torch
 
-from ptkernels.integrations.transformers import (PrefixContext, _bind, _undo, patch_base,
-                                                 prefix_context)
+from ptkernels.integrations import compat as _compat
+from ptkernels.integrations.transformers import PrefixContext, _undo, patch_base, prefix_context
 
 
 def _layer_of(model, attention_module):
@@ -82,7 +82,7 @@ def model_spec(model, state):
 def _prepend_prompts(module, state, args, kwargs, task_ids):
     """Input prompts: inputs_embeds = [prompts; embeds], mask and labels extended (PEFT style)."""
     fn = state.extra["forward"]
-    names, got = _bind(fn, args, kwargs)
+    names, got = _compat.bind(fn, args, kwargs)
     got = {k: v for k, v in got.items() if v is not None}
     ids = got.pop("input_ids", None)
     embeds = got.pop("inputs_embeds", None)
@@ -168,7 +168,7 @@ def patch_with_prompts(model, config, *, backend):
                 finally:
                     state.extra.pop("gpc_rows", None)
                     state.extra.pop("gpc_state", None)
-            names, got = _bind(inner, args, kwargs)
+            names, got = _compat.bind(inner, args, kwargs)
             ref = got.get("input_ids") if got.get("input_ids") is not None else got.get("inputs_embeds")
             ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
             ctx = PrefixContext(module.prefix_kv(), prefix_index=ids,

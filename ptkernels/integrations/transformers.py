@@ -45,6 +45,7 @@ from typing import Any, Optional
 import torch
 
 from ptkernels.integrations import architectures as _arch
+from ptkernels.integrations import compat as _compat
 from ptkernels.ops.prefix_attention import prefix_attention
 
 ATTN_NAME = "ptkernels"
@@ -244,54 +245,32 @@ def register():
 # Position offsets (real tokens at P..P+n-1 while a prefix is active)
 # ----------------------------------------------------------------------------------------------
 
-def _bind(fn, args, kwargs):
-    sig = inspect.signature(fn)
-    names = [n for n, prm in sig.parameters.items()
-             if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)]
-    got = dict(zip(names, args))
-    got.update(kwargs)
-    return names, got
-
-
-def _set(names, args, kwargs, key, value):
-    if key in names and names.index(key) < len(args):
-        args = list(args)
-        args[names.index(key)] = value
-        return tuple(args), kwargs
-    kwargs = dict(kwargs)
-    kwargs[key] = value
-    return args, kwargs
-
-
-def _past_len(pkv) -> int:
-    if pkv is None:
-        return 0
-    if hasattr(pkv, "self_attention_cache"):
-        pkv = pkv.self_attention_cache
-    return int(pkv.get_seq_length())
-
-
 def _position_hook(state, site, kind, module_forward):
     def hook(module, args, kwargs):
         ctx = state.context()
         p = ctx.offset(site) if ctx is not None else 0
         if not p:
             return None
-        names, got = _bind(module_forward, args, kwargs)
-        if kind == "bart":   # on the decoder's learned positional embedding
+        names, got = _compat.bind(module_forward, args, kwargs)
+        if kind == "bart":   # on a stack's learned positional embedding
             if got.get("position_ids") is not None:
-                return _set(names, args, kwargs, "position_ids", got["position_ids"] + p)
-            past = got.get("past_key_values_length", 0) or 0
-            return _set(names, args, kwargs, "past_key_values_length", past + p)
+                return _compat.replace(names, args, kwargs, "position_ids", got["position_ids"] + p)
+            # the cached-length argument under whatever name this release gives it
+            arg = _compat.first_accepted(module_forward, _compat.CACHE_LENGTH_ARGS)
+            if arg is None:
+                raise TypeError(f"{type(module).__name__}.forward takes none of "
+                                f"{_compat.CACHE_LENGTH_ARGS}: cannot shift positions by the prefix")
+            past = got.get(arg, 0) or 0
+            return _compat.replace(names, args, kwargs, arg, past + p)
         pos = got.get("position_ids")
         if pos is not None:
-            return _set(names, args, kwargs, "position_ids", pos + p)
+            return _compat.replace(names, args, kwargs, "position_ids", pos + p)
         ids, embeds = got.get("input_ids"), got.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
             return None
         n, device = ref.shape[1], ref.device
-        past = _past_len(got.get("past_key_values"))
+        past = _compat.cache_length_of_call(got)
         if kind in ("position_ids", "bert"):
             pos = (torch.arange(n, device=device) + past + p).unsqueeze(0)
         elif kind == "opt":
@@ -306,7 +285,7 @@ def _position_hook(state, site, kind, module_forward):
             pos = emb.create_position_ids_from_input_ids(ids, emb.padding_idx, past + p)
         else:
             return None
-        return _set(names, args, kwargs, "position_ids", pos)
+        return _compat.replace(names, args, kwargs, "position_ids", pos)
     return hook
 
 
