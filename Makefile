@@ -1,11 +1,18 @@
 # ptkernels developer commands. On a fresh Linux machine with Python 3.11:
-#   make demo    create .venv, install torch + deps, build ptkernels (editable), run a small example
+#   make demo    create .venv, install the locked dependencies, build ptkernels (editable), run the demo
 #   make test    the same setup, then the test suite (CPU; GPU tests are skipped without CUDA)
-# Other targets: gpu-check (GPU tests + benchmarks into benchmarks/results/), wheel, bench, clean, distclean.
+# Dependencies come from requirements/lock.txt (exact versions of every direct and transitive
+# package), so a clean clone next month resolves the same set. Other targets:
+#   make lock          regenerate requirements/lock.txt (newest releases allowed by requirements/test.in)
+#                      and requirements/lock-oldest.txt (the lowest supported transformers / PEFT)
+#   make test-latest   the suite against the newest releases on the package index (.venv-latest)
+#   make test-oldest   the suite against the oldest supported transformers / PEFT (.venv-oldest)
+#   gpu-check (GPU tests + benchmarks into benchmarks/results/), wheel, bench, clean, distclean.
 #
-# Knobs: PYTHON (interpreter that creates .venv, default python3.11), TORCH_SPEC (default torch==2.14.1,
-# the CUDA build from the package index), VENV, PYTEST_ARGS, and the build switches of setup.py
-# (PTKERNELS_BUILD_CUDA, TORCH_CUDA_ARCH_LIST, MAX_JOBS, ...), which pass through the environment.
+# Knobs: PYTHON (interpreter that creates the venv, default python3.11), VENV, PYTEST_ARGS,
+# TORCH_SPEC (the torch that `make lock` / `make test-latest` install, default torch==2.14.1: the
+# CUDA build from the package index), and the build switches of setup.py (PTKERNELS_BUILD_CUDA,
+# TORCH_CUDA_ARCH_LIST, MAX_JOBS, ...), which pass through the environment.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,7 +21,11 @@ SHELL := /bin/bash
 PYTHON     ?= python3.11
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.14.1
-DEV_DEPS   := numpy transformers peft safetensors pytest pytest-xdist hypothesis ninja
+# Which dependency set a venv gets: lock (requirements/lock.txt), oldest (requirements/lock-oldest.txt)
+# or latest (the newest release of every package named in requirements/test.in, no upper bounds).
+DEPS       ?= lock
+# The lowest releases ptkernels supports (tested by `make test-oldest`); pyproject.toml states them.
+OLDEST     := transformers==5.10.4 peft==0.21.0
 PYTEST_ARGS ?=
 
 PY        := $(VENV)/bin/python
@@ -24,30 +35,45 @@ RESULTS   := benchmarks/results
 # Anything that changes what setup.py builds; a newer file than the stamp triggers a rebuild.
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh csrc/kernels/*.cuh csrc/kernels/*.h)
 
-.PHONY: help test demo gpu-check bench wheel clean distclean install FORCE
+.PHONY: help test test-latest test-oldest lock demo gpu-check bench wheel clean distclean install FORCE
 
 help:
 	@echo "make demo       set up .venv and run a small example (first run installs torch: a few minutes)"
 	@echo "make test       set up .venv and run the test suite (pytest -n 2)"
+	@echo "make test-latest / test-oldest   the suite on the newest releases / the oldest supported ones"
+	@echo "make lock       regenerate requirements/lock.txt and lock-oldest.txt"
 	@echo "make gpu-check  on a CUDA machine: GPU tests + benchmarks, report in $(RESULTS)/"
 	@echo "make bench      run benchmarks/bench_*.py"
 	@echo "make wheel      build a CUDA/native wheel and a pure-Python wheel into dist/"
 	@echo "make clean      remove build outputs (keeps .venv); make distclean also removes .venv"
 
 # ---- environment -------------------------------------------------------------------------------
+LOCK_FILE_lock   := requirements/lock.txt
+LOCK_FILE_oldest := requirements/lock-oldest.txt
+LOCK_FILE_latest := requirements/test.in
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Rewritten only when the requested package set changes, so a new TORCH_SPEC reinstalls.
+# Rewritten only when the requested dependency set changes, so switching DEPS reinstalls.
 $(STAMPS)/requirements: FORCE | $(PY)
 	@mkdir -p $(STAMPS)
-	@echo "$(TORCH_SPEC) $(DEV_DEPS)" | cmp -s - $@ || echo "$(TORCH_SPEC) $(DEV_DEPS)" > $@
+	@echo "$(DEPS) $(TORCH_SPEC)" | cmp -s - $@ || echo "$(DEPS) $(TORCH_SPEC)" > $@
 
-$(STAMPS)/deps: $(STAMPS)/requirements
+# lock / oldest: exactly the pinned set (no resolution), then `pip check` proves it is complete.
+# latest: the newest release of every package named in test.in, upper bounds dropped on purpose.
+$(STAMPS)/deps: $(STAMPS)/requirements $(LOCK_FILE_$(DEPS))
 	@start=$$SECONDS; \
-	$(PIP) install -q --upgrade pip "setuptools>=64" wheel; \
-	$(PIP) install -q "$(TORCH_SPEC)" $(DEV_DEPS); \
-	echo "dependencies installed in $$((SECONDS - start)) s"
+	if [ "$(DEPS)" = latest ]; then \
+		$(PIP) install -q --upgrade pip "setuptools>=64" wheel; \
+		names=$$(sed -E 's/#.*//; s/;.*//; s/[<>=!~ ].*//' requirements/test.in | grep -v '^$$'); \
+		$(PIP) install -q --upgrade "$(TORCH_SPEC)" $$names; \
+	else \
+		$(PIP) install -q --no-deps -r $(LOCK_FILE_$(DEPS)); \
+	fi; \
+	$(PIP) check; \
+	echo "dependencies ($(DEPS)) installed in $$((SECONDS - start)) s"; \
+	$(PY) -c "import torch, transformers, peft; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
 	@touch $@
 
 # Editable install: the extension is compiled once and copied to ptkernels/_C*.so, Python edits need
@@ -66,6 +92,31 @@ install: $(STAMPS)/build
 # ---- everyday targets --------------------------------------------------------------------------
 test: $(STAMPS)/build
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) tests
+
+# Forward and backward compatibility, tested on purpose (for developers and release checks; CI runs
+# the locked set). Each uses its own venv, so the locked .venv stays as it is.
+test-latest:
+	$(MAKE) test VENV=.venv-latest DEPS=latest
+
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest DEPS=oldest
+
+# Regenerate the locks in throwaway venvs: the newest releases test.in allows, and the same with
+# the oldest supported transformers / PEFT. Review the diff, run `make test` and `make test-oldest`,
+# commit both files.
+lock:
+	@set -e; for which in lock oldest; do \
+		tmp=$$(mktemp -d); \
+		$(PYTHON) -m venv $$tmp/venv; \
+		$$tmp/venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=64" wheel; \
+		extra=""; [ $$which = oldest ] && extra="$(OLDEST)"; \
+		$$tmp/venv/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" -r requirements/test.in $$extra; \
+		out=requirements/lock.txt; [ $$which = oldest ] && out=requirements/lock-oldest.txt; \
+		{ echo "# Generated by \`make lock\` on $$(date -u +%F) ($$($$tmp/venv/bin/python -V), $$(uname -sm)) from"; \
+		  echo "# requirements/test.in + $(TORCH_SPEC) $$extra. Do not edit by hand."; \
+		  $$tmp/venv/bin/python -m pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $$out.tmp; \
+		mv $$out.tmp $$out; rm -rf $$tmp; echo "wrote $$out"; \
+	done
 
 demo: $(STAMPS)/build
 	$(PY) -m ptkernels info

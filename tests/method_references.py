@@ -16,6 +16,7 @@ Nothing here imports ptkernels' kernels or integration: it is the independent si
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -42,6 +43,17 @@ def prefix_cache(prefix_kv: tuple[torch.Tensor, torch.Tensor], batch: int,
     for layer in range(k.shape[0]):
         cache.update(_rows(k[layer], batch, task_ids), _rows(v[layer], batch, task_ids), layer)
     return cache
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model``'s forward takes a cache: ``cache`` from transformers 5.24,
+    ``past_key_values`` before (a task model that forwards ``**kwargs`` is asked of its backbone)."""
+    for fn in (model.forward, model.base_model.forward):
+        params = inspect.signature(fn).parameters
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+    return "past_key_values"
 
 
 def prefix_forward(model, prefix_kv: tuple[torch.Tensor, torch.Tensor], *, task_ids=None, **inputs):
@@ -71,7 +83,7 @@ def prefix_forward(model, prefix_kv: tuple[torch.Tensor, torch.Tensor], *, task_
         inputs["attention_mask"] = torch.cat([mask.new_ones(b, p), mask], 1)
         if inputs.get("position_ids") is not None:
             inputs["position_ids"] = inputs["position_ids"] + p
-    return model(**inputs, past_key_values=cache, use_cache=True)
+    return model(**inputs, **{cache_kwarg(model): cache}, use_cache=True)
 
 
 def gpc_step(update: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

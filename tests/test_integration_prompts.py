@@ -6,8 +6,11 @@ import peft
 import pytest
 import torch
 
+import method_references as mr
+import peft_reference as pr
 import ptkernels
 import tiny_models as tm
+from ptkernels.integrations import compat
 from ptkernels.integrations import patch_model, unpatch_model
 from ptkernels.integrations import prompt_attach
 from ptkernels.integrations import transformers as tfi
@@ -47,7 +50,7 @@ def test_prefix_config_matches_peft(model_type, pad):
     with torch.no_grad():
         ref.prompt_encoder.default.embedding.weight.copy_(flat)
     batch = tm.labelled_batch(model_type, task, pad=pad)
-    out_ref = ref(**batch)
+    out_ref = pr.reference_forward(ref, **batch)   # PEFT's parameters, independent forward
     out = ours(**batch)
     torch.testing.assert_close(_real_rows(out.logits, batch, task),
                                _real_rows(out_ref.logits, batch, task), atol=1e-5, rtol=1e-5)
@@ -58,6 +61,9 @@ def test_prefix_config_matches_peft(model_type, pad):
         g = kv_to_peft(ours.ptk_prompts.encoders[site].prefix.grad[:, :, 0])
         torch.testing.assert_close(g, ref.prompt_encoder.default.embedding.weight.grad,
                                    atol=1e-5, rtol=1e-4)
+    expected = _real_rows(out_ref.logits, batch, task).detach()
+    pr.check_upstream(lambda: _real_rows(ref(**batch).logits, batch, task).detach(),
+                      pr.tensors_agree(expected), "prefix-tuning forward")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
@@ -70,13 +76,16 @@ def test_prompt_tuning_config_matches_peft(model_type):
     with torch.no_grad():
         ref.prompt_encoder.default.embedding.weight.copy_(ours.ptk_prompts.prompts[0])
     batch = tm.labelled_batch(model_type, task, pad="left")
-    out, out_ref = ours(**batch), ref(**batch)
+    out, out_ref = ours(**batch), pr.reference_forward(ref, **batch)
     torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
     out.loss.backward()
     out_ref.loss.backward()
-    torch.testing.assert_close(ours.ptk_prompts.prompts.grad[0],
-                               ref.prompt_encoder.default.embedding.weight.grad, atol=1e-5, rtol=1e-4)
+    grad = ref.prompt_encoder.default.embedding.weight.grad.clone()
+    torch.testing.assert_close(ours.ptk_prompts.prompts.grad[0], grad, atol=1e-5, rtol=1e-4)
+    expected = out_ref.logits.detach()
+    pr.check_upstream(lambda: ref(**batch).logits.detach(), pr.tensors_agree(expected),
+                      "prompt-tuning forward")
 
 
 def test_gpc_matches_layer_by_layer_reference():
@@ -223,10 +232,75 @@ def test_prefix_config_generate_matches_peft():
     batch = tm.batch("llama", pad="left")
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
-    r, o = ref.generate(**batch, **kw), ours.generate(**batch, **kw)
-    assert torch.equal(r.sequences, o.sequences)
-    for a, b in zip(r.scores, o.scores):
+    seq, scores = pr.greedy_no_cache(lambda **inputs: pr.reference_forward(ref, **inputs),
+                                     ref.get_base_model(), batch, 4)
+    o = ours.generate(**batch, **kw)
+    assert torch.equal(o.sequences, seq)
+    for a, b in zip(scores, o.scores):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    pr.check_upstream(lambda: ref.generate(**batch, **kw).sequences,
+                      lambda s: torch.equal(s, seq), "generate with prefix tuning")
+
+
+@pytest.mark.parametrize("model_type", tm.DECODERS)
+def test_config_cached_step_without_position_ids_equals_recompute(model_type):
+    """patch_model(model, config): a cached decode step without position_ids == full recompute
+    == the independent reference (real tokens at P..P+n-1 whatever the cache argument's name)."""
+    model = tm.make(model_type)
+    patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=5), backend="eager")
+    ids = tm.batch(model_type, pad="none")["input_ids"]
+    arg = compat.cache_arg_name(model.forward)
+    k, v = model.ptk_prompts.prefix_kv()["self"]
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{arg: compat.output_cache(first)})
+        full = model(input_ids=ids)
+        unpatch_model(model)
+        ref = mr.prefix_forward(model, (k[:, 0], v[:, 0]), input_ids=ids)
+    torch.testing.assert_close(full.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_bart_positions_with_prefixes_on_all_sites():
+    """BART-family learned positions: with prefixes on every site, encoder and decoder tokens sit
+    at P..P+n-1 (cached decoder steps included), under any name the release gives the argument."""
+    model = tm.make("bart")
+    p = 3
+    patch_model(model, ptkernels.PrefixTuningConfig(num_virtual_tokens=p,
+                                                    sites=["encoder", "decoder", "cross"]),
+                backend="eager")
+    seen = {}
+
+    def spy(name):
+        def hook(module, args, output):
+            seen[name] = output.detach()
+        return hook
+    stacks = {"encoder": model.get_encoder(), "decoder": model.get_decoder()}
+    handles = [stack.embed_positions.register_forward_hook(spy(name))
+               for name, stack in stacks.items()]
+    batch = tm.batch("bart", pad="none")
+    n, m = batch["input_ids"].shape[1], batch["decoder_input_ids"].shape[1]
+
+    def expected(name, start, length):
+        emb = stacks[name].embed_positions
+        return emb.weight[torch.arange(start, start + length) + emb.offset]
+    try:
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+            torch.testing.assert_close(seen["encoder"].reshape(-1, n, seen["encoder"].shape[-1])[0],
+                                       expected("encoder", p, n))
+            torch.testing.assert_close(seen["decoder"].reshape(-1, m, seen["decoder"].shape[-1])[0],
+                                       expected("decoder", p, m))
+            arg = compat.cache_arg_name(model.forward)
+            nxt = torch.full((batch["input_ids"].shape[0], 1), 5)
+            model(input_ids=batch["input_ids"], decoder_input_ids=nxt, use_cache=True,
+                  encoder_outputs=(out.encoder_last_hidden_state,),
+                  **{arg: compat.output_cache(out)})
+            torch.testing.assert_close(seen["decoder"].reshape(-1, 1, seen["decoder"].shape[-1])[0],
+                                       expected("decoder", p + m, 1))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
@@ -266,9 +340,12 @@ def test_position_offset_false_keeps_positions():
     # PEFT adds P to given position_ids: arange(n) - P puts its real tokens at 0..n-1
     shifted = (torch.arange(n) - 5).unsqueeze(0).expand(3, -1)
     with torch.no_grad():
-        torch.testing.assert_close(ours(**batch).logits, ref(**batch, position_ids=shifted).logits,
-                                   atol=1e-5, rtol=1e-5)
-        assert (ours(**batch).logits - ref(**batch).logits).abs().max() > 1e-3
+        # the independent reference with real tokens at 0..n-1 (its position_ids get +P)
+        expected = pr.reference_forward(ref, **batch, position_ids=shifted).logits
+        torch.testing.assert_close(ours(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+        assert (ours(**batch).logits - pr.reference_forward(ref, **batch).logits).abs().max() > 1e-3
+        pr.check_upstream(lambda: ref(**batch, position_ids=shifted).logits,
+                          pr.tensors_agree(expected), "forward with shifted position_ids")
 
 
 def test_attention_dropout_active_in_training_only():

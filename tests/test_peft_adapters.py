@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 
+import peft_reference as pr
 import ptkernels
 import tiny_models as tm
 
@@ -42,7 +43,13 @@ def test_ptkernels_adapter_loads_in_peft(tmp_path, model_type, config):
     ptkernels.save_prompts(ours, tmp_path)
     ref = peft.PeftModel.from_pretrained(tm.make(model_type), tmp_path)
     batch = tm.batch(model_type, pad="right")
-    torch.testing.assert_close(_logits(ours, batch), _logits(ref, batch), atol=1e-5, rtol=1e-5)
+    # the adapter as PEFT reads it, run through the independent reference (not PEFT's forward)
+    with torch.no_grad():
+        expected = pr.reference_forward(ref, **batch).logits
+    got = _logits(ours, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    pr.check_upstream(lambda: _logits(ref, batch), pr.tensors_agree(expected),
+                      "forward of the loaded adapter")
 
 
 @pytest.mark.parametrize("model_type,projection", [("llama", True), ("roberta", False),
@@ -63,11 +70,16 @@ def test_peft_adapter_loads_into_ptkernels(tmp_path, model_type, projection):
     ours = _ours(model_type, cfg)
     ptkernels.load_prompts(ours, tmp_path)
     batch = tm.batch(model_type, pad="left")
-    expected = _logits(reloaded, batch)
+    with torch.no_grad():
+        expected = pr.reference_forward(reloaded, **batch).logits
     got = _logits(ours, batch)
+    peft_logits = lambda: _logits(reloaded, batch)  # noqa: E731
     if task == "causal_lm":
-        expected, got = (x[batch["attention_mask"].bool()] for x in (expected, got))
+        real = batch["attention_mask"].bool()
+        expected, got = expected[real], got[real]
+        peft_logits = lambda: _logits(reloaded, batch)[real]  # noqa: E731
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    pr.check_upstream(peft_logits, pr.tensors_agree(expected), "forward of the saved adapter")
 
 
 def test_peft_model_side_round_trip(tmp_path):
