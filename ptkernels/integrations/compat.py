@@ -12,6 +12,8 @@ import functools
 import inspect
 from typing import Callable, Optional
 
+import torch
+
 # The cache argument of model forwards / generate, newest spelling first. 5.24: ``cache``
 # (``past_key_values`` is a deprecated alias until 5.40, dropped when both are given).
 CACHE_ARGS = ("cache", "past_key_values")
@@ -115,3 +117,18 @@ def output_cache(output):
         if value is not None:
             return value
     return None
+
+
+def t5_relative_bias(bias_module, query_length: int, key_length: int, past_seen: int, device):
+    """``T5Attention.compute_bias`` for queries at ``past_seen .. past_seen + query_length - 1``.
+
+    The query offset is ``past_seen_tokens`` (an int) from transformers 5.10 on and
+    ``cache_position`` (a tensor of query positions) before; -> (1, H, query_length, key_length)."""
+    fn = bias_module.compute_bias
+    if accepts(fn, "past_seen_tokens"):
+        return fn(query_length, key_length, device=device, past_seen_tokens=past_seen)
+    if accepts(fn, "cache_position"):
+        positions = torch.arange(past_seen, past_seen + query_length, device=device)
+        return fn(query_length, key_length, device=device, cache_position=positions)
+    raise TypeError(f"{type(bias_module).__name__}.compute_bias takes neither past_seen_tokens nor "
+                    "cache_position: cannot place the prefix columns of the relative bias")

@@ -144,7 +144,7 @@ def _t5_prefix_bias(state, site, module, nq, nk, p, dtype, device):
     if bias_module is None or not getattr(bias_module, "has_relative_attention_bias", False):
         return torch.zeros(1, module.n_heads, nq, p, dtype=dtype, device=device)
     past = nk - nq
-    full = bias_module.compute_bias(nq, p + nk, device=device, past_seen_tokens=p + past)
+    full = _compat.t5_relative_bias(bias_module, nq, p + nk, p + past, device)
     return full[..., :p].to(dtype)
 
 
