@@ -6,6 +6,8 @@ import transformers
 
 import tiny_models as tm
 from ptkernels.integrations import patch_model, unpatch_model
+from ptkernels.integrations import patching
+from ptkernels.integrations import state as st
 from ptkernels.integrations import transformers as tfi
 
 PATCHABLE = tm.ALL
@@ -31,7 +33,7 @@ def test_patched_equals_unpatched(model_type, pad):
     batch = tm.batch(model_type, pad=pad)
     ref = _logits(model, batch, task)
     patch_model(model, backend="eager")
-    if not tfi.get_state(model).arch.bespoke:
+    if tfi.get_state(model).arch.bespoke_forward is None:
         assert model.config._attn_implementation == tfi.ATTN_NAME
     out = _logits(model, batch, task)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -118,12 +120,12 @@ def test_failure_during_patch_rolls_back(monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("hook failure")
-    monkeypatch.setattr(tfi, "_install_position_hooks", boom)
+    monkeypatch.setattr(patching, "install_position_hooks", boom)
     with pytest.raises(RuntimeError, match="hook failure"):
         patch_model(model)
     assert model.config._attn_implementation == "eager"
     assert tfi.get_state(model) is None
-    assert not any(m in tfi._MODULE_INFO for m in model.modules())
+    assert not any(st.binding_of(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "gemma2"])

@@ -317,16 +317,6 @@ def test_prefix_gradients_with_activation_checkpointing(model_type):
     torch.testing.assert_close(prefix_grad(True), prefix_grad(False), atol=1e-7, rtol=1e-4)
 
 
-def test_gpc_refuses_gradient_checkpointing():
-    model = tm.make("bert")
-    patch_model(model, ptkernels.PromptTuningConfig(num_virtual_tokens=3, gpc=ptkernels.GPCConfig()),
-                backend="eager")
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(**tm.batch("bert"))
-
-
 def test_position_offset_false_keeps_positions():
     ours = tm.make("llama")
     patch_model(ours, ptkernels.PrefixTuningConfig(num_virtual_tokens=5, position_offset=False),

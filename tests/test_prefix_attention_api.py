@@ -65,7 +65,6 @@ BAD = [
     ("bias shape", dict(attn_bias=torch.randn(4, 5, 9)), ValueError,
      r"attn_bias must broadcast to \(B, Hq, Nq, P \+ Nk\) = \(2, 4, 5, 10\)"),
     ("bias dtype", dict(attn_bias=torch.zeros(1, dtype=torch.int64)), TypeError, r"attn_bias must be a float"),
-    ("bias grad", dict(attn_bias=torch.zeros(10, requires_grad=True)), ValueError, r"attn_bias requires grad"),
     ("head dim", dict(q=torch.randn(2, 4, 5, 264), k=torch.randn(2, 2, 7, 264), v=torch.randn(2, 2, 7, 264),
                       prefix_k=None, prefix_v=None), ValueError, r"between 1 and 256"),
     ("backend", dict(backend="fast"), ValueError, r"backend must be one of"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from ptkernels.integrations.architectures import of_family
+
 VOCAB = 96
 PAD = 0
 
@@ -75,9 +77,11 @@ CONFIGS = {
                                                        position_buckets=16),
 }
 
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt")
-ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2")
-SEQ2SEQ = ("t5", "bart")
+# The architecture lists come from ptkernels' registry; every registered model type needs a tiny
+# config above (tests/test_integration_registry.py checks both ways).
+DECODERS = of_family("decoder")
+ENCODERS = of_family("encoder")
+SEQ2SEQ = of_family("seq2seq")
 ALL = DECODERS + ENCODERS + SEQ2SEQ
 
 

@@ -1,21 +1,39 @@
-"""``patch_model(model, config)``: attach trainable prompts to a model patched by
-``transformers.py``.
+"""``patch_model(model, config)``: attach trainable prompts to a model patched by ``patching.py``.
 
 Builds the model's ``ModelSpec`` (with ``capture_kv``: the frozen model's real-token K/V captured
-in the attention function), calls ``ptkernels.prompts.build_prompt_module``, attaches the module
-as ``model.ptk_prompts``, freezes everything else (P-Tuning v2 keeps classification heads
-trainable) and gives the model an instance ``forward`` that computes ``prefix_kv()`` once per call
-(or prepends ``input_prompts()``, mask/labels extended, with GPC forward hooks on every layer) and
-accepts ``task_ids`` (B,). ``unpatch_model`` undoes all of it through the patch state.
+by the attention function), calls ``ptkernels.prompts.build_prompt_module``, attaches the module
+as ``model.ptk_prompts`` (in the model's train/eval mode), freezes everything else (P-Tuning v2
+keeps the task heads trainable: ``trainable_heads``) and gives the model an instance ``forward``
+(``PromptForward``) that makes each call's ``PrefixContext``: ``prefix_kv()`` once per call, or the
+input prompts prepended (mask/labels extended) with the Global Prompt Cell's rows carried in the
+context between layers (``GPCHook``), and accepts ``task_ids`` (B,). ``unpatch_model`` undoes all
+of it through the patch state.
 """
 from __future__ import annotations
 
-import functools
+import inspect
 
 import torch
 
-from ptkernels.integrations import compat as _compat
-from ptkernels.integrations.transformers import PrefixContext, _undo, patch_base, prefix_context
+from ptkernels.integrations import checkpointing, compat
+from ptkernels.integrations.patching import patch_base, undo
+from ptkernels.integrations.state import (GPCRun, PrefixContext, add_hook, current, get_state,
+                                          use_context)
+from ptkernels.prompts import ModelSpec, SiteSpec, build_prompt_module, trainable_head_names
+from ptkernels.prompts.bank import check_task_ids, select_prompts
+from ptkernels.prompts.configs import PTuningV2Config
+
+PROMPTS_ATTR = "ptk_prompts"
+
+
+def trainable_heads(model, arch) -> list[str]:
+    """Top-level task-head modules P-Tuning v2 keeps trainable: the generic HF heads plus the
+    architecture's own (``Architecture.head_names``) when the model has a task head."""
+    names = trainable_head_names(model)
+    if names:
+        names += [n for n in arch.head_names
+                  if n not in names and isinstance(getattr(model, n, None), torch.nn.Module)]
+    return names
 
 
 def _layer_of(model, attention_module):
@@ -29,71 +47,72 @@ def _layer_of(model, attention_module):
     raise ValueError(f"cannot find the layer of {names[id(attention_module)]}")
 
 
+def _inner_forward(model, state):
+    """The model's forward without prompts (bound)."""
+    if state.previous_forward is not None:
+        return state.previous_forward
+    return type(model).forward.__get__(model)
+
+
 def capture_kv(model, state, token_ids: torch.Tensor) -> dict:
     """The frozen model's own keys/values of ``token_ids`` (n,): {site: (K, V)}, (L, Hkv, n, D)."""
     ids = token_ids.reshape(1, -1).to(model.device)
-    captured: dict = {}
-    state.extra["capture"] = captured
+    ctx = PrefixContext(capture={})
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), use_context(ctx):
             kwargs = {"input_ids": ids}
             if state.arch.is_encoder_decoder:
                 kwargs["decoder_input_ids"] = ids
-            state.extra.get("forward", model)(**kwargs)   # the unwrapped model: no prompts
+            _inner_forward(model, state)(**kwargs)   # the unwrapped model: no prompts
     finally:
-        state.extra.pop("capture", None)
         model.train(was_training)
     out = {}
     for site, mods in state.sites.items():
-        ks = [captured[(site, i)][0] for i in range(len(mods))]
-        vs = [captured[(site, i)][1] for i in range(len(mods))]
+        ks = [ctx.capture[(site, i)][0] for i in range(len(mods))]
+        vs = [ctx.capture[(site, i)][1] for i in range(len(mods))]
         out[site] = (torch.stack(ks), torch.stack(vs))
     return out
 
 
-def model_spec(model, state):
+TASKS = {"ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm",
+         "ForSequenceClassification": "seq_cls", "ForTokenClassification": "token_cls",
+         "ForConditionalGeneration": "seq2seq"}
+
+
+def model_spec(model, state) -> ModelSpec:
     """The ``ptkernels.prompts.ModelSpec`` of a patched model (see ``prompts/spec.py``)."""
-    from ptkernels.prompts.spec import ModelSpec, SiteSpec
-    cfg = model.config
-    hkv, d = state.arch.heads(cfg)
+    cfg, arch = model.config, state.arch
+    hkv, d = arch.heads(cfg)
     sites = {name: SiteSpec(name, len(mods), hkv, d) for name, mods in state.sites.items()}
-    if state.arch.positions == "t5" or (state.arch.positions == "position_ids"
-                                        and cfg.model_type != "gpt2"):   # RoPE / relative
-        max_pos = None
-    else:
-        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        if state.arch.positions == "roberta" and max_pos is not None:
-            max_pos -= cfg.pad_token_id + 1
-    task = {"ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm",
-            "ForSequenceClassification": "seq_cls", "ForTokenClassification": "token_cls",
-            "ForConditionalGeneration": "seq2seq"}
     name = type(model).__name__
     return ModelSpec(
         model_type=cfg.model_type, hidden_size=model.get_input_embeddings().weight.shape[1],
-        vocab_size=cfg.vocab_size, is_encoder_decoder=state.arch.is_encoder_decoder, sites=sites,
-        max_positions=max_pos, dtype=next(model.parameters()).dtype, device=model.device,
-        embed_tokens=model.get_input_embeddings(),
+        vocab_size=cfg.vocab_size, is_encoder_decoder=arch.is_encoder_decoder, sites=sites,
+        max_positions=arch.max_positions(cfg), dtype=next(model.parameters()).dtype,
+        device=model.device, embed_tokens=model.get_input_embeddings(),
         capture_kv=lambda token_ids: capture_kv(model, state, token_ids),
-        task=next((t for suffix, t in task.items() if name.endswith(suffix)), None))
+        task=next((t for suffix, t in TASKS.items() if name.endswith(suffix)), None))
 
 
-def _prepend_prompts(module, state, args, kwargs, task_ids):
-    """Input prompts: inputs_embeds = [prompts; embeds], mask and labels extended (PEFT style)."""
-    fn = state.extra["forward"]
-    names, got = _compat.bind(fn, args, kwargs)
+def _prepend_prompts(model, state, module, args, kwargs, task_ids):
+    """Input prompts: inputs_embeds = [prompts; embeds], mask and labels extended (PEFT style).
+    Returns (kwargs of the inner call, the call's GPCRun or None)."""
+    fn = _inner_forward(model, state)
+    names, got = compat.bind(fn, args, kwargs)
     got = {k: v for k, v in got.items() if v is not None}
     ids = got.pop("input_ids", None)
     embeds = got.pop("inputs_embeds", None)
     if embeds is None:
         if ids is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        embeds = state.extra["embed"](ids)
+        embeds = model.get_input_embeddings()(ids)
     b = embeds.shape[0]
-    from ptkernels.prompts.bank import select_prompts
     prompts = select_prompts(module.input_prompts(), task_ids, b).to(embeds.dtype)
     m = prompts.shape[1]
+    if got.get("position_ids") is not None:
+        raise ValueError("position_ids cannot be combined with input prompts")
     got["inputs_embeds"] = torch.cat([prompts, embeds], 1)
     mask = got.get("attention_mask")
     if mask is not None:
@@ -101,85 +120,110 @@ def _prepend_prompts(module, state, args, kwargs, task_ids):
     if got.get("token_type_ids") is not None:
         tt = got["token_type_ids"]
         got["token_type_ids"] = torch.cat([tt.new_zeros(b, m), tt], 1)
-    if got.get("position_ids") is not None:
-        raise ValueError("position_ids cannot be combined with input prompts")
     labels = got.get("labels")
-    if labels is not None and state.extra["spec"].task == "causal_lm":
+    if labels is not None and state.spec.task == "causal_lm":
         got["labels"] = torch.cat([labels.new_full((b, m), -100), labels], 1)
-    state.extra["gpc_rows"] = (prompts, m)
-    return got
+    gpc = GPCRun(module.gpc, m, prompts) if module.gpc is not None else None
+    return got, gpc
 
 
-def _gpc_hook(state, module):
-    def hook(layer, args, output):
-        rows = state.extra.get("gpc_rows")
-        if rows is None:
+class GPCHook:
+    """Forward hook on every layer of the input site: the Global Prompt Cell updates the prompt
+    rows the layer produced, from the call's ``GPCRun`` (in the call's context)."""
+
+    def __call__(self, layer, args, output):
+        ctx = current()
+        run = ctx.gpc if ctx is not None else None
+        if run is None:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        prompts, m = rows
-        s = state.extra.get("gpc_state")
-        if s is None:
-            s = module.gpc.initial_state(prompts)
-        s = module.gpc(h[:, :m], s)
-        state.extra["gpc_state"] = s
-        h = torch.cat([s.to(h.dtype), h[:, m:]], 1)
+        m = run.rows
+        # S0 = the prompt rows as fed to the first layer (GlobalPromptCell.initial_state)
+        state = run.original if run.state is None else run.state
+        run.state = run.cell.step(h[:, :m], state, run.original)
+        h = torch.cat([run.state.to(h.dtype), h[:, m:]], 1)
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
-    return hook
+
+
+class PromptForward:
+    """The prompt-carrying model's instance ``forward`` (accepts ``task_ids`` (B,)). A callable
+    object holding the model, so a deep copy of the model copies it with the model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def __signature__(self):
+        state = get_state(self.model)
+        sig = inspect.signature(_inner_forward(self.model, state))
+        params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        params.append(inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+        params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+        return sig.replace(parameters=params)
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        model = self.model
+        state = get_state(model)
+        module = state.prompts
+        inner = _inner_forward(model, state)
+        checkpointing.ensure(state)
+        if module.kind == "input":
+            new_kwargs, gpc = _prepend_prompts(model, state, module, args, kwargs, task_ids)
+            with use_context(PrefixContext(position_offset=False, gpc=gpc)):
+                return inner(**new_kwargs)
+        names, got = compat.bind(inner, args, kwargs)
+        ref = got.get("input_ids") if got.get("input_ids") is not None else got.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
+        ctx = PrefixContext(module.prefix_kv(), prefix_index=ids,
+                            position_offset=module.position_offset)
+        with use_context(ctx):
+            return inner(*args, **kwargs)
 
 
 def patch_with_prompts(model, config, *, backend):
-    from ptkernels.prompts import build_prompt_module, trainable_head_names
-    from ptkernels.prompts.configs import PTuningV2Config
     state = patch_base(model, backend=backend)
     try:
         spec = model_spec(model, state)
         module = build_prompt_module(config, spec, backend=backend)
-        heads = trainable_head_names(model) if isinstance(config, PTuningV2Config) else []
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        state.extra.update(spec=spec, prompts=module, embed=model.get_input_embeddings(),
-                           forward=model.forward)
-
-        def restore_flags():
-            for n, p in model.named_parameters():
-                if n in flags:
-                    p.requires_grad_(flags[n])
-        state.restore.append(restore_flags)
+        module.train(model.training)
+        # the one place that decides which task heads stay trainable (P-Tuning v2 only)
+        heads = trainable_heads(model, state.arch) if isinstance(config, PTuningV2Config) else []
+        state.spec, state.heads = spec, tuple(heads)
+        state.flags = {n: p.requires_grad for n, p in model.named_parameters()}
         for n, p in model.named_parameters():
             p.requires_grad_(n.split(".")[0] in heads)
-        model.add_module("ptk_prompts", module)
-        state.restore.append(lambda: delattr(model, "ptk_prompts"))
+        model.add_module(PROMPTS_ATTR, module)
+        state.prompts = module
         if module.kind == "input" and module.gpc is not None:
-            site = "encoder" if state.arch.is_encoder_decoder else "self"
-            for att in state.sites[site]:
-                state.hooks.append(_layer_of(model, att).register_forward_hook(
-                    _gpc_hook(state, module)))
-        inner = state.extra["forward"]
-
-        def forward(*args, task_ids=None, **kwargs):
-            from ptkernels.prompts.bank import check_task_ids
-            if module.kind == "input":
-                if module.gpc is not None and model.training and any(
-                        getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-                    raise ValueError("the Global Prompt Cell rewrites prompt rows between layers "
-                                     "and does not support gradient checkpointing; disable it")
-                new_kwargs = _prepend_prompts(module, state, args, kwargs, task_ids)
-                try:
-                    return inner(**new_kwargs)
-                finally:
-                    state.extra.pop("gpc_rows", None)
-                    state.extra.pop("gpc_state", None)
-            names, got = _compat.bind(inner, args, kwargs)
-            ref = got.get("input_ids") if got.get("input_ids") is not None else got.get("inputs_embeds")
-            ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
-            ctx = PrefixContext(module.prefix_kv(), prefix_index=ids,
-                                position_offset=module.position_offset)
-            with prefix_context(model, ctx):
-                return inner(*args, **kwargs)
-
-        functools.update_wrapper(forward, inner)
-        model.__dict__["forward"] = forward
-        state.restore.append(lambda: model.__dict__.pop("forward", None))
+            hook = GPCHook()
+            for att in state.sites[state.arch.input_site]:
+                layer = _layer_of(model, att)
+                add_hook(state, layer, layer.register_forward_hook(hook), "_forward_hooks")
+        state.previous_forward = model.__dict__.get("forward")
+        model.__dict__["forward"] = PromptForward(model)
+        state.wrapped_forward = True
     except BaseException:
-        _undo(model, state)
+        undo_prompts(model, state)
         raise
     return model
+
+
+def undo_prompts(model, state) -> None:
+    """Undo ``patch_with_prompts`` (forward, prompt module, flags) and then the base patch."""
+    if state.wrapped_forward:
+        if state.previous_forward is not None:
+            model.__dict__["forward"] = state.previous_forward
+        else:
+            model.__dict__.pop("forward", None)
+        state.wrapped_forward = False
+    if state.prompts is not None and model._modules.get(PROMPTS_ATTR) is state.prompts:
+        del model._modules[PROMPTS_ATTR]
+    state.prompts = None
+    if state.flags is not None:
+        for n, p in model.named_parameters():
+            if n in state.flags:
+                p.requires_grad_(state.flags[n])
+        state.flags = None
+    undo(model, state)

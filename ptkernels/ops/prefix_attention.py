@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ptkernels import backends
+from ptkernels.ops._bias_grad import bias_grad
 from ptkernels.ops._validate import (require_float, require_same, require_shape, require_tensor,
                                      shape_str)
 
@@ -95,15 +96,23 @@ def _backward(ctx, grad_out, grad_lse):
     needs = ctx.needs_input_grad
     output_mask = [bool(needs[0]), bool(needs[1]), bool(needs[2]),
                    bool(needs[3]) and prefix_k is not None, bool(needs[4]) and prefix_v is not None]
-    none = (None,) * 10
-    if grad_out is None and grad_lse is None or not any(output_mask):
-        return (None,) * 5 + none
+    need_bias = bool(needs[7]) and attn_bias is not None
+    if grad_out is None and grad_lse is None or not (any(output_mask) or need_bias):
+        return (None,) * 15
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,
-                    key_padding_mask, attn_bias, dropout_seed, out, lse, causal, window, softcap,
-                    scale, dropout_p, output_mask, backend)
-    return tuple(g if need else None for g, need in zip(grads, output_mask)) + none
+    grads = (None,) * 5
+    if any(output_mask):
+        grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,
+                        key_padding_mask, attn_bias, dropout_seed, out, lse, causal, window,
+                        softcap, scale, dropout_p, output_mask, backend)
+    dbias = None
+    if need_bias:
+        dbias = bias_grad(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,
+                          key_padding_mask, attn_bias, dropout_seed, out, lse, causal, window,
+                          softcap, scale, dropout_p, backend)
+    return (tuple(g if need else None for g, need in zip(grads, output_mask))
+            + (None, None, dbias) + (None,) * 7)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -193,9 +202,6 @@ def _check_bias(attn_bias, b, hq, nq, ntot, q):
         raise TypeError(f"attn_bias must be a float tensor, got {attn_bias.dtype}")
     if attn_bias.device != q.device:
         raise ValueError(f"attn_bias is on {attn_bias.device} but q is on {q.device}")
-    if attn_bias.requires_grad and torch.is_grad_enabled():
-        raise ValueError("attn_bias requires grad, but prefix_attention gives no gradient to the "
-                         "bias; pass attn_bias.detach()")
     target = (b, hq, nq, ntot)
     if attn_bias.dim() <= 4:
         try:
@@ -221,7 +227,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
         window: sliding window: query i also needs (i + Nk - Nq) - j < window.
         softcap: scores become softcap * tanh(scores / softcap) (before the bias is added).
         attn_bias: additive float bias broadcastable to (B, Hq, Nq, P + Nk), prefix columns
-            first. Gets no gradient.
+            first. A bias that requires grad gets its gradient (the score gradient, rebuilt in
+            backward from the saved inputs: one (B, Hq, Nq, P + Nk) float32 tensor).
         scale: score scale, default D ** -0.5.
         dropout_p: dropout on the attention probabilities (prefix and sequence alike).
         return_lse: also return the natural-log logsumexp (B, Hq, Nq) in float32 (float64 for

@@ -16,22 +16,20 @@ from ptkernels.prompts.spec import ModelSpec
 
 # Top-level attribute names of task heads in transformers' *ForSequenceClassification,
 # *ForTokenClassification, *ForQuestionAnswering and *ForMultipleChoice models (BERT/RoBERTa
-# `classifier`, Llama-style `score`, QA `qa_outputs`, BART `classification_head`), plus DeBERTa's
-# trainable ContextPooler (`pooler` at the top level of the task model, P2-code).
+# `classifier`, Llama-style `score`, QA `qa_outputs`, BART `classification_head`). Heads particular
+# to one architecture (DeBERTa's ContextPooler) are named by its registry entry
+# (``ptkernels.integrations.architectures``, ``Architecture.head_names``).
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "qa_classifier", "classification_head")
 HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
                  "ForMultipleChoice")
 
 
 def trainable_head_names(model: nn.Module) -> list[str]:
-    """Names of the top-level task-head modules of ``model`` that stay trainable (may be empty)."""
+    """Names of the generic top-level task-head modules of ``model`` (may be empty)."""
     cls = type(model).__name__
     if not cls.endswith(HEAD_SUFFIXES):
         return []
-    names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
-    if cls.startswith("Deberta") and isinstance(getattr(model, "pooler", None), nn.Module):
-        names.append("pooler")
-    return names
+    return [n for n, _ in model.named_children() if n in HEAD_NAMES]
 
 
 def _prefix_sites(config, spec: ModelSpec) -> list[str]:

@@ -5,8 +5,10 @@ the prompt rows the layer produced, and writes the result back into the prompt r
 next layer; ``S0 = gpc.initial_state(prompt_rows)`` before the first layer. The math runs through
 ``ptkernels.gpc_cell`` (eager on CPU, the fused Triton/CUDA kernel on GPUs).
 
-Variant "reinject" keeps S = the original prompt P fixed (H_p = F * U + R * P): ``initial_state``
-remembers P for the forward pass in progress and every call gates against it.
+Variant "reinject" keeps S = the original prompt P fixed (H_p = F * U + R * P). ``step(U, S, P)``
+takes P explicitly and keeps no state in the module (what the integration calls: concurrent
+forwards share the cell); ``gpc(U, S)`` after ``initial_state(P)`` remembers P in the module, for
+direct single-threaded use.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-import ptkernels
 from ptkernels.backends.eager_gpc import num_gates
+from ptkernels.ops.gpc_cell import gpc_cell
 
 
 class GlobalPromptCell(nn.Module):
@@ -46,12 +48,18 @@ class GlobalPromptCell(nn.Module):
         self._original = prompt_rows if self.variant == "reinject" else None
         return prompt_rows
 
-    def forward(self, update: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        if self.variant == "reinject" and self._original is not None:
-            state = self._original
+    def step(self, update: torch.Tensor, state: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """S' for the prompt rows ``update`` (B, m, d) after a layer; ``original``: the prompt
+        rows fed to the first layer (the memory of "reinject"). Touches no module state."""
+        if self.variant == "reinject":
+            state = original
         w, b = self.weight.to(update.dtype), self.bias.to(update.dtype)
-        return ptkernels.gpc_cell(update, state.to(update.dtype), w, b, variant=self.variant,
-                                  backend=self.backend)
+        return gpc_cell(update, state.to(update.dtype), w, b, variant=self.variant,
+                        backend=self.backend)
+
+    def forward(self, update: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        original = self._original if self._original is not None else state
+        return self.step(update, state, original)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, variant={self.variant!r}"

@@ -1,0 +1,205 @@
+"""Adapter files: ``save_prompts`` / ``load_prompts`` in PEFT's format (adapters move both ways).
+
+PEFT models use PEFT's own save / ``set_peft_model_state_dict``; models patched with a ptkernels
+config write and read ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ptkernels.integrations.peft import is_peft_model
+from ptkernels.integrations.state import get_state
+from ptkernels.prompts import kv_to_peft, peft_to_kv
+
+# ----------------------------------------------------------------------------------------------
+# Adapter files: save_prompts / load_prompts in PEFT's format
+# ----------------------------------------------------------------------------------------------
+# Files: adapter_config.json + adapter_model.safetensors. Prefix tuning stores
+# ``prompt_embeddings`` (P, L*2*token_dim) (the MLP *output* when a projection is used), prompt
+# tuning stores ``prompt_embeddings`` (m, hidden); SEQ_CLS/TOKEN_CLS heads that train (P-Tuning v2)
+# go in as ``base_model.<head>.<param>`` with ``modules_to_save`` naming them. Decode rule for
+# prefixes: ``E.view(P, 2L, H, D)`` (rows 2i / 2i+1 = layer i's K / V); seq2seq (PEFT's
+# ``num_transformer_submodules`` = 2): decoder layer i reads the layer-(2i mod L) slot.
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS",
+               "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def _seq2seq_slots(layers: int) -> list[int]:
+    return [(2 * i) % layers for i in range(layers)]
+
+
+def _ptk_prompt_state(model):
+    state = get_state(model)
+    module = state.prompts if state is not None else None
+    if module is None:
+        raise ValueError(f"{type(model).__name__} has no ptkernels prompts: patch it with "
+                         "ptkernels.patch_model(model, config) (or pass a PEFT model)")
+    return state, module
+
+
+def _heads(model, state):
+    return [n for n in state.heads if any(p.requires_grad for p in model.get_submodule(n).parameters())]
+
+
+def save_prompts(model, directory) -> None:
+    """Write ``model``'s prompts as a PEFT adapter in ``directory`` (PEFT models: their own save)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    if is_peft_model(model):
+        model.save_pretrained(directory)
+        return
+    state, module = _ptk_prompt_state(model)
+    spec = state.spec
+    if module.num_tasks != 1:
+        raise ValueError(f"a PEFT adapter holds one task; this prompt bank has {module.num_tasks} "
+                         "(use ptkernels.prompts.extract_task first)")
+    if spec.task not in _TASK_TYPES:
+        raise ValueError(f"no PEFT task type for {type(model).__name__}")
+    cfg = {"task_type": _TASK_TYPES[spec.task], "num_virtual_tokens": module.num_virtual_tokens,
+           "inference_mode": True, "base_model_name_or_path": model.config._name_or_path or None,
+           "revision": None, "num_transformer_submodules": 2 if spec.is_encoder_decoder else 1}
+    tensors = {}
+    if module.kind == "prefix":
+        site = "decoder" if spec.is_encoder_decoder else "self"
+        if tuple(module.sites) != (site,):
+            raise ValueError(f"PEFT prefix tuning only has {site!r} prefixes; this module has "
+                             f"{list(module.sites)}")
+        enc = module.encoders[site]
+        kv = enc.raw()[:, :, 0].detach()                       # (L, 2, H, P, D)
+        if spec.is_encoder_decoder:
+            slots = kv.clone()
+            for i, j in enumerate(_seq2seq_slots(kv.shape[0])):
+                if i != j and not torch.equal(kv[i], kv[j]):
+                    raise ValueError("PEFT's seq2seq prefix layout makes decoder layer i share the "
+                                     f"prefix of layer {j}; this prefix differs there")
+                slots[j] = kv[i]
+            kv = slots
+        tensors["prompt_embeddings"] = kv_to_peft(kv).float().contiguous()
+        cfg.update(peft_type="PREFIX_TUNING", num_layers=enc.num_layers,
+                   token_dim=enc.num_kv_heads * enc.head_dim,
+                   num_attention_heads=enc.num_kv_heads, encoder_hidden_size=spec.hidden_size,
+                   prefix_projection=False)
+    else:
+        if module.gpc is not None:
+            raise ValueError("the Global Prompt Cell has no PEFT equivalent; save_prompts cannot "
+                             "write it as a PEFT adapter")
+        if spec.is_encoder_decoder:
+            raise ValueError("PEFT seq2seq prompt tuning uses a different layout; not supported")
+        tensors["prompt_embeddings"] = module.prompts[0].detach().float().contiguous()
+        cfg.update(peft_type="PROMPT_TUNING", token_dim=spec.hidden_size,
+                   num_layers=None, num_attention_heads=None, prompt_tuning_init="RANDOM")
+    heads = _heads(model, state)
+    if heads:
+        cfg["modules_to_save"] = heads
+        for name in heads:
+            for pname, p in model.get_submodule(name).named_parameters():
+                tensors[f"base_model.{name}.{pname}"] = p.detach().contiguous()
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+
+
+def _read_adapter(directory):
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (cfg_path, w_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"not a PEFT adapter directory: {path} is missing")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {cfg_path}: {e}") from e
+    try:
+        tensors = load_file(w_path)
+    except Exception as e:   # safetensors raises its own error types on corrupt files
+        raise ValueError(f"cannot read {w_path}: {e}") from e
+    if not isinstance(cfg, dict) or "prompt_embeddings" not in tensors:
+        raise ValueError(f"{directory}: expected a prompt-learning adapter with "
+                         "'prompt_embeddings'")
+    return cfg, tensors
+
+
+def _expect(cfg, key, want, directory):
+    got = cfg.get(key)
+    if got != want:
+        raise ValueError(f"adapter in {directory} has {key}={got!r}, this model needs {want!r}")
+
+
+def load_prompts(model, directory) -> None:
+    """Load a PEFT prompt adapter (or one written by ``save_prompts``) into ``model``.
+
+    Everything is checked (files, peft_type, length, layers, heads, shapes) before anything is
+    changed; on error the model is unchanged.
+    """
+    cfg, tensors = _read_adapter(directory)
+    emb = tensors["prompt_embeddings"]
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+        mine = model.active_peft_config
+        _expect(cfg, "peft_type", str(getattr(mine.peft_type, "value", mine.peft_type)), directory)
+        for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads",
+                    "num_transformer_submodules"):
+            if getattr(mine, key, None) is not None:
+                _expect(cfg, key, getattr(mine, key), directory)
+        weight = model.prompt_encoder[model.active_adapter].embedding.weight
+        if cfg.get("peft_type") == "PREFIX_TUNING" and not mine.inference_mode:
+            raise ValueError("load_prompts into a training-mode PEFT prefix model: PEFT stores the "
+                             "MLP output; load it with PeftModel.from_pretrained instead")
+        if tuple(emb.shape) != tuple(weight.shape):
+            raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, the model expects "
+                             f"{tuple(weight.shape)}")
+        set_peft_model_state_dict(model, tensors)
+        return
+    state, module = _ptk_prompt_state(model)
+    spec = state.spec
+    if module.num_tasks != 1:
+        raise ValueError("load_prompts loads one task; this prompt bank has "
+                         f"{module.num_tasks} (use ptkernels.prompts.insert_task)")
+    _expect(cfg, "num_virtual_tokens", module.num_virtual_tokens, directory)
+    _expect(cfg, "num_transformer_submodules", 2 if spec.is_encoder_decoder else 1, directory)
+    if module.kind == "prefix":
+        _expect(cfg, "peft_type", "PREFIX_TUNING", directory)
+        site = "decoder" if spec.is_encoder_decoder else "self"
+        if site not in module.sites:
+            raise ValueError(f"the adapter holds {site!r} prefixes; this module has "
+                             f"{list(module.sites)}")
+        enc = module.encoders[site]
+        _expect(cfg, "num_layers", enc.num_layers, directory)
+        _expect(cfg, "num_attention_heads", enc.num_kv_heads, directory)
+        _expect(cfg, "token_dim", enc.num_kv_heads * enc.head_dim, directory)
+        want = (module.num_virtual_tokens, enc.num_layers * 2 * enc.num_kv_heads * enc.head_dim)
+        if tuple(emb.shape) != want:
+            raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
+    else:
+        _expect(cfg, "peft_type", "PROMPT_TUNING", directory)
+        want = tuple(module.prompts.shape[1:])
+        if tuple(emb.shape) != want:
+            raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
+    head_tensors = {k[len("base_model."):]: v for k, v in tensors.items()
+                    if k.startswith("base_model.")}
+    params = dict(model.named_parameters())
+    for name, value in head_tensors.items():
+        if name not in params or params[name].shape != value.shape:
+            raise ValueError(f"adapter tensor base_model.{name} {tuple(value.shape)} does not "
+                             "match the model")
+    # all checks passed: write
+    with torch.no_grad():
+        if module.kind == "prefix":
+            kv = peft_to_kv(emb, enc.num_layers, enc.num_kv_heads, enc.head_dim)
+            if spec.is_encoder_decoder:
+                kv = kv[_seq2seq_slots(enc.num_layers)]
+            enc.set_kv(kv.to(spec.device), task=0)
+        else:
+            module.prompts[0].copy_(emb.to(module.prompts))
+        for name, value in head_tensors.items():
+            params[name].copy_(value.to(params[name]))
