@@ -336,6 +336,15 @@ def test_output_attentions_on_attention_only_patch():
         logits(model, output_attentions=True)
 
 
+def test_output_attentions_in_seq2seq_generate():
+    model = patched("t5", PrefixTuningConfig(3))
+    batch = tm.batch("t5")
+    batch.pop("decoder_input_ids")
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        model.generate(**batch, max_new_tokens=2, output_attentions=True,
+                       return_dict_in_generate=True)
+
+
 @pytest.mark.parametrize("task_ids,exc,match", [
     (torch.tensor([0, 2, 1]), ValueError, r"task_ids must lie in \[0, 2\)"),
     (torch.tensor([0.0, 1.0, 1.0]), TypeError, "task_ids must be an integer"),
@@ -440,9 +449,18 @@ BAD_FILES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def saved_files(tmp_path_factory):
+    """The files save_prompts writes for a llama prefix (written once for the module)."""
+    path = tmp_path_factory.mktemp("adapter")
+    _saved(path)
+    return {n: (path / n).read_bytes() for n in os.listdir(path)}
+
+
 @pytest.mark.parametrize("what,damage,match", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-def test_bad_adapter_changes_nothing(tmp_path, what, damage, match):
-    _saved(tmp_path)
+def test_bad_adapter_changes_nothing(tmp_path, saved_files, what, damage, match):
+    for name, data in saved_files.items():
+        (tmp_path / name).write_bytes(data)
     damage(tmp_path)
     target = patched("llama", PrefixTuningConfig(5))
     snap, ref = snapshot(target), logits(target)

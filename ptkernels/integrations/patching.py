@@ -129,8 +129,11 @@ def patch_base(model, *, backend: str = "auto", allow_peft_owner: bool = False) 
             for i, mod in enumerate(mods):
                 bind(mod, Binding(state, site, i, arch.bind_extra(model, site, i, mod)))
         install_position_hooks(model, state)
-        handle = model.register_forward_pre_hook(RefuseAttentionWeights(), with_kwargs=True)
-        add_hook(state, model, handle, "_forward_pre_hooks")
+        # generate() calls an encoder-decoder's encoder directly: guard it too
+        guarded = [model] + ([model.get_encoder()] if arch.is_encoder_decoder else [])
+        for target in guarded:
+            handle = target.register_forward_pre_hook(RefuseAttentionWeights(), with_kwargs=True)
+            add_hook(state, target, handle, "_forward_pre_hooks")
         state.checkpoint_layers = checkpointing.checkpoint_layers(model)
         set_state(model, state)
     except BaseException:
