@@ -398,6 +398,21 @@ def test_deepcopy_then_unpatch_original_keeps_copy_patched():
     assert get_state(twin) is not None and get_state(model) is None
 
 
+def test_deepcopy_of_patched_peft_model_is_independent():
+    model = peft.get_peft_model(tm.make("gpt2"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ptkernels.patch_model(model, backend="eager")
+    batch = tm.batch("gpt2", pad="right")
+    ref = logits(model, batch)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.prompt_encoder.default.embedding.weight.add_(1.0)
+    assert not torch.equal(logits(twin, batch), ref)
+    assert torch.equal(logits(model, batch), ref)
+    ptkernels.unpatch_model(twin)
+    assert torch.equal(logits(model, batch), ref) and "_ptkernels_peft" in model.__dict__
+
+
 # ----------------------------------------------------------------------------------------------
 # adapter files
 # ----------------------------------------------------------------------------------------------
@@ -520,6 +535,31 @@ def test_failed_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch, whe
     dst = patched("llama", PrefixTuningConfig(5))
     ptkernels.load_prompts(dst, tmp_path)
     assert torch.equal(dst.ptk_prompts.encoders["self"].prefix, old.ptk_prompts.encoders["self"].prefix)
+
+
+def test_failed_peft_save_leaves_previous_adapter(tmp_path, monkeypatch):
+    model = peft.get_peft_model(tm.make("gpt2"), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ptkernels.save_prompts(model, tmp_path)
+    files = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    with torch.no_grad():
+        model.prompt_encoder.default.embedding.weight.add_(1.0)
+    real = adapters.os.replace
+    calls = []
+
+    def fail_second(src, dst):   # the first file lands, then the disk fails
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        return real(src, dst)
+    monkeypatch.setattr(adapters.os, "replace", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        ptkernels.save_prompts(model, tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
+    assert (tmp_path / adapters.CONFIG_NAME).read_bytes() == files[adapters.CONFIG_NAME]
+    reloaded = peft.PeftModel.from_pretrained(tm.make("gpt2"), tmp_path)
+    assert reloaded.prompt_encoder.default.embedding.weight.shape == (4, 2 * 2 * 32)
 
 
 def test_bank_save_refused_writes_nothing(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -53,7 +54,7 @@ def save_prompts(model, directory) -> None:
     """
     from safetensors.torch import save as save_bytes
     if is_peft_model(model):
-        model.save_pretrained(directory)
+        _save_peft_atomically(model, directory)
         return
     state, module = _ptk_prompt_state(model)
     spec = state.spec
@@ -104,6 +105,28 @@ def save_prompts(model, directory) -> None:
     payload = {CONFIG_NAME: json.dumps(cfg, indent=2).encode(),
                WEIGHTS_NAME: save_bytes(tensors)}
     _write_atomically(directory, payload)
+
+
+def _save_peft_atomically(model, directory) -> None:
+    """PEFT's own ``save_pretrained`` into a temporary directory beside the target, then renames."""
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".ptkernels-save.", dir=directory)
+    try:
+        model.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp))
+        if any(os.path.isdir(os.path.join(tmp, n)) for n in names):
+            raise ValueError("PEFT wrote subdirectories (several adapters?); save_prompts writes one "
+                             "adapter: use peft_model.save_pretrained for multi-adapter models")
+        for name in sorted(names, key=lambda n: n == CONFIG_NAME):   # the config last
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    finally:
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        os.rmdir(tmp)
 
 
 def _write_atomically(directory, payload: dict) -> None:
