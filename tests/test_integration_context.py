@@ -60,12 +60,15 @@ def test_two_threads_fifty_forwards_equal_serial(kind):
     assert not wrong, f"{len(wrong)} of 100 threaded forwards differ from the serial result"
 
 
-def _two_forwards_grads(model_type, cfg, checkpointing, seed=0):
+def _two_forwards_grads(model_type, cfg, checkpointing, seed=0, reentrant=False):
     model = tm.make(model_type)
     patch_model(model, cfg, backend="eager")
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:   # reentrant checkpoints need an input that requires grad
+            model.enable_input_require_grads()
     torch.manual_seed(seed)
     total = 0
     for call in range(2):   # two forwards (different tasks / inputs), then one backward
@@ -93,6 +96,15 @@ CKPT = [
 def test_checkpointing_two_forwards_one_backward_exact(model_type, what, cfg):
     ref = _two_forwards_grads(model_type, cfg, checkpointing=False)
     got = _two_forwards_grads(model_type, cfg, checkpointing=True)
+    assert ref.keys() == got.keys() and ref
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_reentrant_checkpointing_two_forwards_exact():
+    cfg = ptkernels.PrefixTuningConfig(num_virtual_tokens=4, num_tasks=2)
+    ref = _two_forwards_grads("llama", cfg, checkpointing=False)
+    got = _two_forwards_grads("llama", cfg, checkpointing=True, reentrant=True)
     assert ref.keys() == got.keys() and ref
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)

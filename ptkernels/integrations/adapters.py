@@ -5,15 +5,17 @@ config write and read ``adapter_config.json`` + ``adapter_model.safetensors``.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+
 import torch
 
 from ptkernels.integrations.peft import is_peft_model
 from ptkernels.integrations.state import get_state
 from ptkernels.prompts import kv_to_peft, peft_to_kv
 
-# ----------------------------------------------------------------------------------------------
-# Adapter files: save_prompts / load_prompts in PEFT's format
-# ----------------------------------------------------------------------------------------------
 # Files: adapter_config.json + adapter_model.safetensors. Prefix tuning stores
 # ``prompt_embeddings`` (P, L*2*token_dim) (the MLP *output* when a projection is used), prompt
 # tuning stores ``prompt_embeddings`` (m, hidden); SEQ_CLS/TOKEN_CLS heads that train (P-Tuning v2)
@@ -45,13 +47,14 @@ def _heads(model, state):
 
 
 def save_prompts(model, directory) -> None:
-    """Write ``model``'s prompts as a PEFT adapter in ``directory`` (PEFT models: their own save)."""
-    import json
-    import os
+    """Write ``model``'s prompts as a PEFT adapter in ``directory`` (PEFT models: their own save).
 
-    from safetensors.torch import save_file
+    Atomic: both files are built in memory, written to temporary files in ``directory`` and
+    renamed over the previous ones, so a failure half-way leaves the previous adapter loadable.
+    """
+    from safetensors.torch import save as save_bytes
     if is_peft_model(model):
-        model.save_pretrained(directory)
+        _save_peft_atomically(model, directory)
         return
     state, module = _ptk_prompt_state(model)
     spec = state.spec
@@ -99,16 +102,59 @@ def save_prompts(model, directory) -> None:
         for name in heads:
             for pname, p in model.get_submodule(name).named_parameters():
                 tensors[f"base_model.{name}.{pname}"] = p.detach().contiguous()
+    payload = {CONFIG_NAME: json.dumps(cfg, indent=2).encode(),
+               WEIGHTS_NAME: save_bytes(tensors)}
+    _write_atomically(directory, payload)
+
+
+def _save_peft_atomically(model, directory) -> None:
+    """PEFT's own ``save_pretrained`` into a temporary directory beside the target, then renames."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+    tmp = tempfile.mkdtemp(prefix=".ptkernels-save.", dir=directory)
+    try:
+        model.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp))
+        if any(os.path.isdir(os.path.join(tmp, n)) for n in names):
+            raise ValueError("PEFT wrote subdirectories (several adapters?); save_prompts writes one "
+                             "adapter: use peft_model.save_pretrained for multi-adapter models")
+        for name in sorted(names, key=lambda n: n == CONFIG_NAME):   # the config last
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    finally:
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        os.rmdir(tmp)
+
+
+def _write_atomically(directory, payload: dict) -> None:
+    """Write {file name: bytes} into ``directory``: temporary files first, then renames."""
+    os.makedirs(directory, exist_ok=True)
+    temps = {}
+    try:
+        for name, data in payload.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            temps[name] = tmp
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        # weights first: an interrupted pair of renames leaves the old config, which load_prompts
+        # checks against the weights' shapes (a mismatch is refused, never half-loaded)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(temps[name], os.path.join(directory, name))
+            del temps[name]
+    finally:
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _read_adapter(directory):
-    import json
-    import os
-
     from safetensors.torch import load_file
     cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for path in (cfg_path, w_path):
@@ -126,6 +172,11 @@ def _read_adapter(directory):
     if not isinstance(cfg, dict) or "prompt_embeddings" not in tensors:
         raise ValueError(f"{directory}: expected a prompt-learning adapter with "
                          "'prompt_embeddings'")
+    for name, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{w_path}: tensor {name!r} has dtype {value.dtype}, expected floats")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{w_path}: tensor {name!r} holds NaN or infinite values")
     return cfg, tensors
 
 
@@ -138,8 +189,11 @@ def _expect(cfg, key, want, directory):
 def load_prompts(model, directory) -> None:
     """Load a PEFT prompt adapter (or one written by ``save_prompts``) into ``model``.
 
-    Everything is checked (files, peft_type, length, layers, heads, shapes) before anything is
-    changed; on error the model is unchanged.
+    Everything is checked before anything is changed (files, float and finite tensors, peft_type,
+    length, layers, heads, hidden size, shapes, every tensor name); only the prompt and the
+    trainable task heads are written, never a frozen base weight; a prefix module with an MLP
+    reparameterization is refused (an adapter holds the prefix itself, which an MLP cannot
+    reproduce exactly). On error the model is unchanged.
     """
     cfg, tensors = _read_adapter(directory)
     emb = tensors["prompt_embeddings"]
@@ -158,6 +212,12 @@ def load_prompts(model, directory) -> None:
         if tuple(emb.shape) != tuple(weight.shape):
             raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, the model expects "
                              f"{tuple(weight.shape)}")
+        saved = tuple(getattr(mine, "modules_to_save", None) or ())
+        for key in tensors:
+            if key != "prompt_embeddings" and not any(key.startswith(f"base_model.{m}.")
+                                                      for m in saved):
+                raise ValueError(f"adapter tensor {key!r} is neither the prompt nor a module the "
+                                 f"PEFT config saves ({list(saved)}); refusing to write it")
         set_peft_model_state_dict(model, tensors)
         return
     state, module = _ptk_prompt_state(model)
@@ -174,6 +234,11 @@ def load_prompts(model, directory) -> None:
             raise ValueError(f"the adapter holds {site!r} prefixes; this module has "
                              f"{list(module.sites)}")
         enc = module.encoders[site]
+        if enc.has_mlp:
+            raise ValueError("this prefix module reparameterizes the prefix with an MLP "
+                             "(projection_hidden_size): an adapter holds the prefix itself, which "
+                             "the MLP cannot be set to exactly; load it into a model patched "
+                             "without projection_hidden_size, or call model.ptk_prompts.merge() first")
         _expect(cfg, "num_layers", enc.num_layers, directory)
         _expect(cfg, "num_attention_heads", enc.num_kv_heads, directory)
         _expect(cfg, "token_dim", enc.num_kv_heads * enc.head_dim, directory)
@@ -182,16 +247,25 @@ def load_prompts(model, directory) -> None:
             raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
     else:
         _expect(cfg, "peft_type", "PROMPT_TUNING", directory)
+        if cfg.get("token_dim") is not None:
+            _expect(cfg, "token_dim", spec.hidden_size, directory)
         want = tuple(module.prompts.shape[1:])
         if tuple(emb.shape) != want:
             raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
-    head_tensors = {k[len("base_model."):]: v for k, v in tensors.items()
-                    if k.startswith("base_model.")}
+    # only the prompt and the trainable task heads are ever written, never a frozen base weight
     params = dict(model.named_parameters())
-    for name, value in head_tensors.items():
-        if name not in params or params[name].shape != value.shape:
-            raise ValueError(f"adapter tensor base_model.{name} {tuple(value.shape)} does not "
-                             "match the model")
+    head_tensors = {}
+    for key, value in tensors.items():
+        if key == "prompt_embeddings":
+            continue
+        name = key[len("base_model."):] if key.startswith("base_model.") else None
+        if name is None or name.split(".")[0] not in state.heads or name not in params:
+            raise ValueError(f"adapter tensor {key!r} is neither the prompt nor a parameter of a "
+                             f"trainable task head ({list(state.heads)}); refusing to write it")
+        if params[name].shape != value.shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model's "
+                             f"{name} has {tuple(params[name].shape)}")
+        head_tensors[name] = value
     # all checks passed: write
     with torch.no_grad():
         if module.kind == "prefix":

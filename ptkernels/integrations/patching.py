@@ -10,6 +10,7 @@ All-or-nothing: on error everything done so far is undone.
 from __future__ import annotations
 
 import gc
+from typing import Optional
 
 from ptkernels.backends import BACKENDS
 from ptkernels.integrations import architectures, checkpointing
@@ -60,21 +61,17 @@ def check_model(model):
                         f"{type(model).__name__}")
 
 
-def peft_owner(model):
-    """The PEFT prompt-learning model wrapping ``model`` as its base, if any (its prefix would
-    be applied on top of ptkernels' prompts)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    for holder in gc.get_referrers(model):
-        if not isinstance(holder, dict):
+def peft_owner(model) -> Optional[str]:
+    """The peft_type of a PEFT prompt-learning model wrapping ``model`` as its base, if any (its
+    prompts would be applied on top of ptkernels' own). Found through the garbage collector's
+    referrers: the wrapper's ``_modules`` dict holds ``model`` and its instance dict holds that."""
+    for modules in gc.get_referrers(model):
+        if not isinstance(modules, dict) or modules.get("base_model") is not model:
             continue
-        for owner in gc.get_referrers(holder):
-            if isinstance(owner, PeftModel) and owner.__dict__.get("_modules") is holder and \
-                    owner.base_model is model and \
-                    getattr(owner.active_peft_config, "is_prompt_learning", False):
-                return owner
+        for inst in gc.get_referrers(modules):
+            if isinstance(inst, dict) and inst.get("_modules") is modules and \
+                    inst.get("_is_prompt_learning"):
+                return str(getattr(inst.get("peft_type"), "value", inst.get("peft_type")))
     return None
 
 
@@ -110,9 +107,9 @@ def patch_base(model, *, backend: str = "auto", allow_peft_owner: bool = False) 
         owner = peft_owner(model)
         if owner is not None:
             raise ValueError(
-                f"{type(model).__name__} is the base model of a PEFT "
-                f"{owner.active_peft_config.peft_type} model, which adds its own prompts: patch the "
-                "PEFT model itself (ptkernels.patch_model(peft_model)), not its base model")
+                f"{type(model).__name__} is the base model of a PEFT {owner} model, which adds "
+                "its own prompts: patch the PEFT model itself (ptkernels.patch_model(peft_model)), "
+                "not its base model")
     state = PatchState(arch=arch, backend=backend, sites=sites,
                        original_impl=model.config._attn_implementation)
     try:
@@ -132,8 +129,11 @@ def patch_base(model, *, backend: str = "auto", allow_peft_owner: bool = False) 
             for i, mod in enumerate(mods):
                 bind(mod, Binding(state, site, i, arch.bind_extra(model, site, i, mod)))
         install_position_hooks(model, state)
-        handle = model.register_forward_pre_hook(RefuseAttentionWeights(), with_kwargs=True)
-        add_hook(state, model, handle, "_forward_pre_hooks")
+        # generate() calls an encoder-decoder's encoder directly: guard it too
+        guarded = [model] + ([model.get_encoder()] if arch.is_encoder_decoder else [])
+        for target in guarded:
+            handle = target.register_forward_pre_hook(RefuseAttentionWeights(), with_kwargs=True)
+            add_hook(state, target, handle, "_forward_pre_hooks")
         state.checkpoint_layers = checkpointing.checkpoint_layers(model)
         set_state(model, state)
     except BaseException:

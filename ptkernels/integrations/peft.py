@@ -1,4 +1,4 @@
-"""PEFT interop: ``patch_model(peft_model)`` and the adapter-file format.
+"""The PEFT path: ``patch_model(peft_model)`` (adapter files: ``adapters.py``).
 
 Prompt tuning and P-tuning (v1) prepend virtual *input embeddings*: they only need the attention
 patch of the base model. Prefix tuning (PEFT's ``PREFIX_TUNING``, which is also P-Tuning v2)

@@ -11,6 +11,7 @@ of it through the patch state.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -190,7 +191,8 @@ def patch_with_prompts(model, config, *, backend):
         module.train(model.training)
         # the one place that decides which task heads stay trainable (P-Tuning v2 only)
         heads = trainable_heads(model, state.arch) if isinstance(config, PTuningV2Config) else []
-        state.spec, state.heads = spec, tuple(heads)
+        # the spec outlives the build without capture_kv (a closure over this model object)
+        state.spec, state.heads = dataclasses.replace(spec, capture_kv=None), tuple(heads)
         state.flags = {n: p.requires_grad for n, p in model.named_parameters()}
         for n, p in model.named_parameters():
             p.requires_grad_(n.split(".")[0] in heads)

@@ -73,8 +73,12 @@ def gpc_cell(update, state, weight, bias, *, variant="lstm", backend="auto"):
         backend: "auto", "eager", "triton" or "cuda".
 
     Returns:
-        the new state S' (B, m, d) in update's dtype.
+        the new state S' (B, m, d) in update's dtype. An empty batch (B == 0 or m == 0) gives an
+        empty result without running a kernel.
     """
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a string, one of 'lstm', 'candidate', 'gru', 'reinject'; "
+                        f"got {type(variant).__name__}")
     n = num_gates(variant)
     require_tensor("update", update, 3, "(B, m, d)")
     require_float("update", update)
@@ -93,7 +97,11 @@ def gpc_cell(update, state, weight, bias, *, variant="lstm", backend="auto"):
                          f"got {shape_str(bias)}")
     for name, x in (("state", state), ("weight", weight), ("bias", bias)):
         require_same(name, x, "update", update)
+    if d == 0:
+        raise ValueError(f"update must have a hidden size d >= 1, got shape {shape_str(update)}")
     name = backends.resolve("gpc_cell", update.device, backend)
     if update.dtype == torch.float64 and name != "eager":
         raise TypeError(f"float64 inputs run only on the eager backend, not {name!r}")
+    if b == 0 or m == 0:   # nothing to gate (kernels would launch an empty grid)
+        return update * 0 + (state * 0).sum() * 0
     return _fwd_op(update, state, weight, bias, variant, name)[0]

@@ -20,6 +20,7 @@ normalized arguments every backend receives:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -191,6 +192,13 @@ def _check_mask(attention_mask, b, nk, q):
         raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
     if attention_mask.dtype == torch.bool:
         return attention_mask
+    if attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be bool or 0/1, got {attention_mask.dtype}")
+    # a float additive mask (0 / -inf, transformers' 4-D style) would read inverted as a keep-mask
+    if not torch.compiler.is_compiling() and attention_mask.numel() and \
+            not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must be a keep-mask: bool, or 0/1 with 1 = a real key; "
+                         "it holds other values (an additive 0/-inf mask? pass (mask == 0))")
     return attention_mask != 0
 
 
@@ -223,7 +231,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
             or a bank (T, Hkv, P, D) with ``prefix_index`` (B,) choosing each row's prefix.
             Prefix keys come first in the scores, are visible to every query, never masked.
         causal: bottom-right aligned: query i sees sequence key j iff j <= i + (Nk - Nq).
-        attention_mask: (B, Nk) bool or 0/1; False/0 marks a padded sequence key.
+        attention_mask: (B, Nk) bool or 0/1; False/0 marks a padded sequence key. Any other
+            value (e.g. an additive 0 / -inf float mask) is refused.
         window: sliding window: query i also needs (i + Nk - Nq) - j < window.
         softcap: scores become softcap * tanh(scores / softcap) (before the bias is added).
         attn_bias: additive float bias broadcastable to (B, Hq, Nq, P + Nk), prefix columns
@@ -236,7 +245,11 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
         backend: "auto", "eager", "triton" or "cuda"; ``PTKERNELS_BACKEND`` overrides "auto".
 
     Returns:
-        out (B, Hq, Nq, D) in q's dtype, and lse if ``return_lse``.
+        out (B, Hq, Nq, D) in q's dtype, and lse if ``return_lse``. B == 0 or Nq == 0 gives
+        empty results. A NaN in query row i stays in row i: every other row is unaffected;
+        row i comes back NaN (reference math) or 0 (the eager fast path treats a row without a
+        finite score like a row that sees no key). A NaN in a key or value reaches every row
+        that sees that key.
     """
     require_tensor("q", q, 4, "(B, Hq, Nq, D)")
     require_tensor("k", k, 4, "(B, Hkv, Nk, D)")
@@ -260,10 +273,13 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
     key_padding_mask = _check_mask(attention_mask, b, nk, q)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                    and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be None or a number, got {type(scale).__name__}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     attn_bias = _check_bias(attn_bias, b, hq, nq, p_len + nk, q)
@@ -272,6 +288,10 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
     if q.dtype == torch.float64 and name != "eager":
         raise TypeError(f"float64 inputs run only on the eager backend, not {name!r}")
 
+    if b == 0 or nq == 0:   # no query row: empty results, no kernel (CPU flash would SIGFPE)
+        out = q * 0
+        lse = q.new_zeros(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+        return (out, lse) if return_lse else out
     seed = draw_dropout_seed() if dropout_p > 0 else None
     out, lse = _fwd_op(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
                        seed, bool(causal), -1 if window is None else int(window),

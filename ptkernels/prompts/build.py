@@ -6,6 +6,8 @@ everything else).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -56,11 +58,13 @@ def build_prompt_module(config, spec: ModelSpec, *, backend: str = "auto") -> nn
     if not isinstance(config, (PrefixTuningConfig, PTuningV2Config, PromptTuningConfig)):
         raise TypeError("config must be a PrefixTuningConfig, PTuningV2Config or PromptTuningConfig, "
                         f"got {type(config).__name__}")
+    # fields may have been changed since construction: validate again (on a copy)
+    config = dataclasses.replace(config)
+    ids = getattr(config, "init_token_ids", None)
+    if ids and max(ids) >= spec.vocab_size:
+        raise ValueError(f"init_token_ids must be < vocab_size ({spec.vocab_size}), got {max(ids)}")
     if isinstance(config, PromptTuningConfig):
         _check_length(config, spec, True)
-        if config.init == "words" and max(config.init_token_ids) >= spec.vocab_size:
-            raise ValueError(f"init_token_ids must be < vocab_size ({spec.vocab_size}), "
-                             f"got {max(config.init_token_ids)}")
         return InputPromptModule(config, spec, backend=backend)
     if not spec.sites:
         raise ValueError(f"this {spec.model_type!r} model has no attention layers that can take a prefix")
