@@ -125,6 +125,7 @@ def patch_base(model, *, backend: str = "auto", allow_peft_owner: bool = False) 
             if model.config._attn_implementation != ATTN_NAME:
                 raise ValueError(f"{type(model).__name__}: set_attn_implementation did not switch "
                                  "to ptkernels")
+            _switch_submodels(model, state)
         for site, mods in sites.items():
             for i, mod in enumerate(mods):
                 bind(mod, Binding(state, site, i, arch.bind_extra(model, site, i, mod)))
@@ -140,6 +141,19 @@ def patch_base(model, *, backend: str = "auto", allow_peft_owner: bool = False) 
         undo(model, state)
         raise
     return state
+
+
+def _switch_submodels(model, state: PatchState) -> None:
+    """Sub-models with a config of their own (T5's encoder/decoder stacks) that the parent's
+    ``set_attn_implementation`` did not switch (transformers releases before 5.18 do not recurse)."""
+    from transformers import PreTrainedModel
+    for sub in model.modules():
+        if sub is model or not isinstance(sub, PreTrainedModel):
+            continue
+        impl = sub.config._attn_implementation
+        if impl != ATTN_NAME:
+            state.switched_submodels.append((sub, impl))
+            sub.config._attn_implementation = ATTN_NAME
 
 
 def install_position_hooks(model, state: PatchState) -> None:
@@ -159,6 +173,9 @@ def undo(model, state: PatchState) -> None:
     if state.switched_impl:
         model.set_attn_implementation(state.original_impl)
         state.switched_impl = False
+    while state.switched_submodels:
+        sub, impl = state.switched_submodels.pop()
+        sub.config._attn_implementation = impl
     unbind_all(state)
     if get_state(model) is state:
         set_state(model, None)

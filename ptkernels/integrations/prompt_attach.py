@@ -129,8 +129,15 @@ def _prepend_prompts(model, state, module, args, kwargs, task_ids):
 
 
 class GPCHook:
-    """Forward hook on every layer of the input site: the Global Prompt Cell updates the prompt
-    rows the layer produced, from the call's ``GPCRun`` (in the call's context)."""
+    """Forward hook on layer ``index`` of the input site: the Global Prompt Cell updates the prompt
+    rows the layer produced, from the call's ``GPCRun`` (in the call's context).
+
+    Layer i reads the state layer i - 1 left (S0 = the prompts) and records its own: a rerun of
+    the hook (transformers releases before 5.24 checkpoint ``__call__``, hooks included, so the
+    recomputation inside backward runs it again) gives exactly the forward's result."""
+
+    def __init__(self, index: int):
+        self.index = index
 
     def __call__(self, layer, args, output):
         ctx = current()
@@ -139,10 +146,10 @@ class GPCHook:
             return None
         h = output[0] if isinstance(output, tuple) else output
         m = run.rows
-        # S0 = the prompt rows as fed to the first layer (GlobalPromptCell.initial_state)
-        state = run.original if run.state is None else run.state
-        run.state = run.cell.step(h[:, :m], state, run.original)
-        h = torch.cat([run.state.to(h.dtype), h[:, m:]], 1)
+        state = run.original if self.index == 0 else run.states[self.index - 1]
+        new = run.cell.step(h[:, :m], state, run.original)
+        run.states[self.index] = new
+        h = torch.cat([new.to(h.dtype), h[:, m:]], 1)
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
 
@@ -199,10 +206,9 @@ def patch_with_prompts(model, config, *, backend):
         model.add_module(PROMPTS_ATTR, module)
         state.prompts = module
         if module.kind == "input" and module.gpc is not None:
-            hook = GPCHook()
-            for att in state.sites[state.arch.input_site]:
+            for i, att in enumerate(state.sites[state.arch.input_site]):
                 layer = _layer_of(model, att)
-                add_hook(state, layer, layer.register_forward_hook(hook), "_forward_hooks")
+                add_hook(state, layer, layer.register_forward_hook(GPCHook(i)), "_forward_hooks")
         state.previous_forward = model.__dict__.get("forward")
         model.__dict__["forward"] = PromptForward(model)
         state.wrapped_forward = True

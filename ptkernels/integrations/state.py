@@ -32,12 +32,12 @@ class GPCRun:
     """The Global Prompt Cell's rows during one forward call.
 
     ``cell``: the ``GlobalPromptCell``; ``rows``: m, the prompt rows at the front of the sequence;
-    ``original``: the prompts as fed to the first layer (B, m, d); ``state``: S after the latest
-    layer (None before the first)."""
+    ``original``: the prompts as fed to the first layer (B, m, d); ``states``: {layer index: S
+    after that layer}."""
     cell: torch.nn.Module
     rows: int
     original: torch.Tensor
-    state: Optional[torch.Tensor] = None
+    states: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -115,6 +115,7 @@ class PatchState:
     sites: dict
     original_impl: Optional[str] = None
     switched_impl: bool = False                 # set_attn_implementation("ptkernels") was called
+    switched_submodels: list = dataclasses.field(default_factory=list)   # [(sub-model, its impl)]
     bespoke: list = dataclasses.field(default_factory=list)   # modules with a replaced forward
     bound: list = dataclasses.field(default_factory=list)     # modules carrying a Binding
     hooks: list = dataclasses.field(default_factory=list)     # (module, hook dict name, hook id)
