@@ -25,7 +25,8 @@ TORCH_SPEC ?= torch==2.14.1
 # or latest (the newest release of every package named in requirements/test.in, no upper bounds).
 DEPS       ?= lock
 # The lowest releases ptkernels supports (tested by `make test-oldest`); pyproject.toml states them.
-OLDEST     := transformers==5.10.4 peft==0.21.0
+OLDEST     := transformers==5.15.0 peft==0.21.0
+LOCKS      ?= lock oldest
 PYTEST_ARGS ?=
 
 PY        := $(VENV)/bin/python
@@ -102,10 +103,10 @@ test-oldest:
 	$(MAKE) test VENV=.venv-oldest DEPS=oldest
 
 # Regenerate the locks in throwaway venvs: the newest releases test.in allows, and the same with
-# the oldest supported transformers / PEFT. Review the diff, run `make test` and `make test-oldest`,
+# the oldest supported transformers / PEFT (LOCKS=oldest regenerates only that one). Review the diff, run `make test` and `make test-oldest`,
 # commit both files.
 lock:
-	@set -e; for which in lock oldest; do \
+	@set -e; for which in $(LOCKS); do \
 		tmp=$$(mktemp -d); \
 		$(PYTHON) -m venv $$tmp/venv; \
 		$$tmp/venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=64" wheel; \
