@@ -126,6 +126,8 @@ class PatchState:
     heads: tuple = ()                           # task heads left trainable
     wrapped_forward: bool = False               # model.__dict__["forward"] is ours
     previous_forward: Any = None                # an instance forward the model had before
+    encoder: Any = None                         # encoder-decoder: the encoder given an EncoderForward
+    previous_encoder_forward: Any = None        # the instance forward that encoder had before
     # the PEFT path (patch_model(peft_model))
     peft_kind: Optional[str] = None
 
