@@ -232,15 +232,24 @@ def report(train, gen, reps) -> str:
         "| path | KV cache MiB | prefix outside the cache MiB | total MiB | median ms |",
         "|---|---:|---:|---:|---:|",
     ]
+    per_position = (B * MODEL["num_hidden_layers"] * 2 * MODEL["num_key_value_heads"]
+                    * (MODEL["hidden_size"] // MODEL["num_attention_heads"]) * 4)
+    real_positions = N + NEW_TOKENS - 1      # the last token is sampled, never cached
     for path, cache, prefix, t, new in gen:
         assert new == NEW_TOKENS
         lines.append(f"| {path} | {mib(cache)} | {mib(prefix)} | {mib(cache + prefix)} | {t * 1e3:.1f} |")
+    lines.append(f"| prefix in the cache (PEFT's layout; computed, not measured) | "
+                 f"{mib(per_position * (real_positions + P))} | 0.00 | "
+                 f"{mib(per_position * (real_positions + P))} | - |")
     lines += [
         "",
-        "KV cache: bytes of the keys/values in the cache `generate` returns (PEFT keeps the "
-        f"prefix there: P={P} extra positions per row and layer, B copies; ptkernels keeps only "
-        "real tokens). Prefix outside the cache: the one (L, Hkv, P, D) copy of keys and values "
-        f"that ptkernels' layers read. Time: median of {reps} generate calls.",
+        "KV cache: bytes of the keys/values in the cache `generate` returns. Prefix outside the "
+        "cache: the one (L, Hkv, P, D) copy of keys and values that ptkernels' layers read. "
+        f"Time: median of {reps} generate calls. PEFT's design keeps the prefix in the cache "
+        f"(P={P} extra positions per row and layer, B copies): the computed row gives that size. "
+        "Measured here, the PEFT cache holds only the real tokens: under this transformers "
+        "release PEFT's prefix-tuning `generate` does not carry its prefix into the cache (its "
+        "generated tokens differ from its own no-cache forward; tests/test_generation.py).",
         "",
         "What this predicts: the memory numbers are properties of the data layout and carry over "
         "to a GPU (the cache saving is B x L x 2 x Hkv x P x D elements); the times are CPU "
