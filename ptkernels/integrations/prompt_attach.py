@@ -18,6 +18,7 @@ import torch
 
 from ptkernels.integrations import checkpointing, compat
 from ptkernels.integrations.patching import patch_base, undo
+from ptkernels.integrations.prompt_files import TrainableSavePretrained
 from ptkernels.integrations.state import (GPCRun, PrefixContext, add_hook, current, get_state,
                                           use_context)
 from ptkernels.prompts import ModelSpec, SiteSpec, build_prompt_module, trainable_head_names
@@ -298,6 +299,8 @@ def patch_with_prompts(model, config, *, backend):
         state.previous_forward = model.__dict__.get("forward")
         model.__dict__["forward"] = PromptForward(model)
         state.wrapped_forward = True
+        # Trainer checkpoints and save_pretrained keep only what trains (prompts, heads)
+        model.__dict__["save_pretrained"] = TrainableSavePretrained(model)
         if state.arch.is_encoder_decoder:
             encoder = model.get_encoder()
             state.previous_encoder_forward = encoder.__dict__.get("forward")
@@ -317,6 +320,8 @@ def undo_prompts(model, state) -> None:
         else:
             state.encoder.__dict__.pop("forward", None)
         state.encoder = state.previous_encoder_forward = None
+    if isinstance(model.__dict__.get("save_pretrained"), TrainableSavePretrained):
+        del model.__dict__["save_pretrained"]
     if state.wrapped_forward:
         if state.previous_forward is not None:
             model.__dict__["forward"] = state.previous_forward
