@@ -199,7 +199,9 @@ def report(train, gen, reps) -> str:
         f"{MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
         f"{MODEL['num_attention_heads']} heads of {MODEL['hidden_size'] // MODEL['num_attention_heads']}, "
         f"vocab {MODEL['vocab_size']}, float32. Prefix P={P} (no MLP) on every layer; batch B={B} "
-        f"rows of n={N} tokens.",
+        f"rows of n={N} tokens. Load average at the end of the run: "
+        f"{os.getloadavg()[0]:.1f} (a machine shared with other jobs makes the times noisy; the "
+        "byte counts do not depend on it).",
         "",
         "## Training step (forward + causal-LM loss + backward)",
         "",
