@@ -8,6 +8,11 @@ keeps the task heads trainable: ``trainable_heads``) and gives the model an inst
 input prompts prepended (mask/labels extended) with the Global Prompt Cell's rows carried in the
 context between layers (``GPCHook``), and accepts ``task_ids`` (B,). ``unpatch_model`` undoes all
 of it through the patch state.
+
+Generation: input prompts enter on the first call only (later calls find them in the cache, or in
+``encoder_outputs``, and only extend the mask); encoder-decoders' encoder stack gets an
+``EncoderForward`` because ``generate()`` calls the encoder outside the model's forward. The
+model's ``save_pretrained`` becomes ``prompt_files.TrainableSavePretrained`` (only what trains).
 """
 from __future__ import annotations
 
