@@ -122,7 +122,8 @@ def test_integrations_layers_point_down():
     """state <- transformers (attention/mask functions) <- architectures <- patching <- {peft,
     prompt_attach} <- adapters, patch; no module imports a layer above its own."""
     layer = {"state": 0, "compat": 0, "transformers": 1, "architectures": 2, "checkpointing": 2,
-             "patching": 3, "peft": 4, "prompt_attach": 4, "adapters": 5, "patch": 5}
+             "patching": 3, "peft": 4, "prompt_attach": 4, "adapters": 5, "patch": 5,
+             "prompt_files": 0, "ptk_adapter": 5, "export": 5}
     graph, _ = _graph()
     for m, targets in graph.items():
         if not m.startswith("ptkernels.integrations."):

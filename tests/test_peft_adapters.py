@@ -128,7 +128,9 @@ def test_bad_adapter_changes_nothing(tmp_path, damage, match):
 def test_save_needs_prompts(tmp_path):
     with pytest.raises(ValueError, match="no ptkernels prompts"):
         ptkernels.save_prompts(tm.make("llama"), tmp_path)
+    # a Global Prompt Cell has no PEFT form: only the ptkernels adapter pair is written
     model = _ours("bert", ptkernels.PromptTuningConfig(num_virtual_tokens=3,
                                                         gpc=ptkernels.GPCConfig()))
-    with pytest.raises(ValueError, match="Global Prompt Cell"):
-        ptkernels.save_prompts(model, tmp_path)
+    ptkernels.save_prompts(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    assert (tmp_path / "ptkernels_adapter.json").exists()

@@ -562,11 +562,12 @@ def test_failed_peft_save_leaves_previous_adapter(tmp_path, monkeypatch):
     assert reloaded.prompt_encoder.default.embedding.weight.shape == (4, 2 * 2 * 32)
 
 
-def test_bank_save_refused_writes_nothing(tmp_path):
+def test_bank_save_writes_the_ptkernels_adapter_only(tmp_path):
+    """A bank has no PEFT form: the ptkernels pair is written, no PEFT pair claims to hold it."""
     model = patched("llama", PrefixTuningConfig(4, num_tasks=2))
-    with pytest.raises(ValueError, match="one task"):
-        ptkernels.save_prompts(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    ptkernels.save_prompts(model, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["ptkernels_adapter.json",
+                                                    "ptkernels_adapter.safetensors"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,7 +89,16 @@ def availability(name: str, op: str, device: torch.device) -> tuple[bool, str]:
 def resolve(op: str, device: torch.device, requested: str = "auto", variant: str | None = None) -> str:
     """Return the backend name that runs ``op`` on ``device`` for the user's request.
 
-    ``variant`` ("decode") selects the op's shape-specific preference order under auto."""
+    ``variant`` ("decode") selects the op's shape-specific preference order under auto.
+
+    Under ``torch.compile`` the answer is computed at trace time and baked into the graph as a
+    constant: the lookup (a first-call backend import, ``os.environ``) would otherwise break the
+    graph in every attention layer. A changed ``PTKERNELS_BACKEND`` needs a fresh compile."""
+    return _resolve_constant(op, device, requested, variant)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op: str, device: torch.device, requested, variant) -> str:
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     device = torch.device(device)

@@ -12,6 +12,8 @@ import tempfile
 
 import torch
 
+from ptkernels.integrations import prompt_files, ptk_adapter
+from ptkernels.integrations.prompt_files import write_atomically
 from ptkernels.integrations.peft import is_peft_model
 from ptkernels.integrations.state import get_state
 from ptkernels.prompts import kv_to_peft, peft_to_kv
@@ -47,22 +49,52 @@ def _heads(model, state):
 
 
 def save_prompts(model, directory) -> None:
-    """Write ``model``'s prompts as a PEFT adapter in ``directory`` (PEFT models: their own save).
+    """Write ``model``'s prompts to ``directory`` (PEFT models: their own save).
 
-    Atomic: both files are built in memory, written to temporary files in ``directory`` and
-    renamed over the previous ones, so a failure half-way leaves the previous adapter loadable.
+    A model patched with a config gets PEFT's adapter pair wherever PEFT can represent its
+    prompts, and the ptkernels adapter pair (``ptk_adapter``: versioned, complete) wherever PEFT
+    cannot: prefix banks, Global Prompt Cells, encoder or cross-attention prefixes, seq2seq prompt
+    tuning, and an MLP reparameterization (PEFT keeps only the MLP's output; the ptkernels pair
+    keeps the MLP to train on). ``load_prompts`` reads the ptkernels pair when present.
+
+    Atomic: all files are built in memory, written to temporary files in ``directory`` and
+    renamed over the previous ones, so a failure half-way leaves the previous adapter loadable;
+    files of the other format left from an earlier save are removed afterwards.
     """
-    from safetensors.torch import save as save_bytes
     if is_peft_model(model):
         _save_peft_atomically(model, directory)
         return
     state, module = _ptk_prompt_state(model)
+    try:
+        files = _peft_payload(model, state, module)
+    except _NotPeft:
+        files = {}
+    if not files or getattr(module, "has_mlp", False) or any(
+            enc.has_mlp for enc in getattr(module, "encoders", {}).values()):
+        files.update(prompt_files.payload(model, state))
+    write_atomically(directory, files)
+    stale = [n for n in (CONFIG_NAME, WEIGHTS_NAME, prompt_files.CONFIG_NAME,
+                         prompt_files.WEIGHTS_NAME) if n not in files]
+    for name in stale:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+
+
+class _NotPeft(ValueError):
+    """PEFT's adapter format cannot represent these prompts (the ptkernels pair can)."""
+
+
+def _peft_payload(model, state, module) -> dict:
+    """{file name: bytes} of the PEFT adapter pair, or ``_NotPeft``."""
+    from safetensors.torch import save as save_bytes
     spec = state.spec
     if module.num_tasks != 1:
-        raise ValueError(f"a PEFT adapter holds one task; this prompt bank has {module.num_tasks} "
+        raise _NotPeft(f"a PEFT adapter holds one task; this prompt bank has {module.num_tasks} "
                          "(use ptkernels.prompts.extract_task first)")
     if spec.task not in _TASK_TYPES:
-        raise ValueError(f"no PEFT task type for {type(model).__name__}")
+        raise _NotPeft(f"no PEFT task type for {type(model).__name__}")
     cfg = {"task_type": _TASK_TYPES[spec.task], "num_virtual_tokens": module.num_virtual_tokens,
            "inference_mode": True, "base_model_name_or_path": model.config._name_or_path or None,
            "revision": None, "num_transformer_submodules": 2 if spec.is_encoder_decoder else 1}
@@ -70,7 +102,7 @@ def save_prompts(model, directory) -> None:
     if module.kind == "prefix":
         site = "decoder" if spec.is_encoder_decoder else "self"
         if tuple(module.sites) != (site,):
-            raise ValueError(f"PEFT prefix tuning only has {site!r} prefixes; this module has "
+            raise _NotPeft(f"PEFT prefix tuning only has {site!r} prefixes; this module has "
                              f"{list(module.sites)}")
         enc = module.encoders[site]
         kv = enc.raw()[:, :, 0].detach()                       # (L, 2, H, P, D)
@@ -78,7 +110,7 @@ def save_prompts(model, directory) -> None:
             slots = kv.clone()
             for i, j in enumerate(_seq2seq_slots(kv.shape[0])):
                 if i != j and not torch.equal(kv[i], kv[j]):
-                    raise ValueError("PEFT's seq2seq prefix layout makes decoder layer i share the "
+                    raise _NotPeft("PEFT's seq2seq prefix layout makes decoder layer i share the "
                                      f"prefix of layer {j}; this prefix differs there")
                 slots[j] = kv[i]
             kv = slots
@@ -89,10 +121,10 @@ def save_prompts(model, directory) -> None:
                    prefix_projection=False)
     else:
         if module.gpc is not None:
-            raise ValueError("the Global Prompt Cell has no PEFT equivalent; save_prompts cannot "
+            raise _NotPeft("the Global Prompt Cell has no PEFT equivalent; save_prompts cannot "
                              "write it as a PEFT adapter")
         if spec.is_encoder_decoder:
-            raise ValueError("PEFT seq2seq prompt tuning uses a different layout; not supported")
+            raise _NotPeft("PEFT seq2seq prompt tuning uses a different layout; not supported")
         tensors["prompt_embeddings"] = module.prompts[0].detach().float().contiguous()
         cfg.update(peft_type="PROMPT_TUNING", token_dim=spec.hidden_size,
                    num_layers=None, num_attention_heads=None, prompt_tuning_init="RANDOM")
@@ -102,9 +134,7 @@ def save_prompts(model, directory) -> None:
         for name in heads:
             for pname, p in model.get_submodule(name).named_parameters():
                 tensors[f"base_model.{name}.{pname}"] = p.detach().contiguous()
-    payload = {CONFIG_NAME: json.dumps(cfg, indent=2).encode(),
-               WEIGHTS_NAME: save_bytes(tensors)}
-    _write_atomically(directory, payload)
+    return {CONFIG_NAME: json.dumps(cfg, indent=2).encode(), WEIGHTS_NAME: save_bytes(tensors)}
 
 
 def _save_peft_atomically(model, directory) -> None:
@@ -127,31 +157,6 @@ def _save_peft_atomically(model, directory) -> None:
             else:
                 os.unlink(path)
         os.rmdir(tmp)
-
-
-def _write_atomically(directory, payload: dict) -> None:
-    """Write {file name: bytes} into ``directory``: temporary files first, then renames."""
-    os.makedirs(directory, exist_ok=True)
-    temps = {}
-    try:
-        for name, data in payload.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            temps[name] = tmp
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        # weights first: an interrupted pair of renames leaves the old config, which load_prompts
-        # checks against the weights' shapes (a mismatch is refused, never half-loaded)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(temps[name], os.path.join(directory, name))
-            del temps[name]
-    finally:
-        for tmp in temps.values():
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _read_adapter(directory):
@@ -189,12 +194,19 @@ def _expect(cfg, key, want, directory):
 def load_prompts(model, directory) -> None:
     """Load a PEFT prompt adapter (or one written by ``save_prompts``) into ``model``.
 
+    A directory with a ptkernels adapter pair restores from it (``ptk_adapter.load``): into a
+    model patched with the same config, or into an unpatched model, which is patched with the
+    saved config first.
+
     Everything is checked before anything is changed (files, float and finite tensors, peft_type,
     length, layers, heads, hidden size, shapes, every tensor name); only the prompt and the
     trainable task heads are written, never a frozen base weight; a prefix module with an MLP
     reparameterization is refused (an adapter holds the prefix itself, which an MLP cannot
     reproduce exactly). On error the model is unchanged.
     """
+    if not is_peft_model(model) and prompt_files.present(directory):
+        ptk_adapter.load(model, directory)
+        return
     cfg, tensors = _read_adapter(directory)
     emb = tensors["prompt_embeddings"]
     if is_peft_model(model):

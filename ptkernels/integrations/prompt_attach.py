@@ -8,6 +8,11 @@ keeps the task heads trainable: ``trainable_heads``) and gives the model an inst
 input prompts prepended (mask/labels extended) with the Global Prompt Cell's rows carried in the
 context between layers (``GPCHook``), and accepts ``task_ids`` (B,). ``unpatch_model`` undoes all
 of it through the patch state.
+
+Generation: input prompts enter on the first call only (later calls find them in the cache, or in
+``encoder_outputs``, and only extend the mask); encoder-decoders' encoder stack gets an
+``EncoderForward`` because ``generate()`` calls the encoder outside the model's forward. The
+model's ``save_pretrained`` becomes ``prompt_files.TrainableSavePretrained`` (only what trains).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 
 from ptkernels.integrations import checkpointing, compat
 from ptkernels.integrations.patching import patch_base, undo
+from ptkernels.integrations.prompt_files import TrainableSavePretrained
 from ptkernels.integrations.state import (GPCRun, PrefixContext, add_hook, current, get_state,
                                           use_context)
 from ptkernels.prompts import ModelSpec, SiteSpec, build_prompt_module, trainable_head_names
@@ -153,6 +159,31 @@ class GPCHook:
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
 
+def _batch_reference(got: dict):
+    """A tensor whose first dimension is the call's batch (None when the call has none)."""
+    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        if got.get(name) is not None:
+            return got[name]
+    enc = got.get("encoder_outputs")
+    if enc is not None:
+        return enc[0]
+    return None
+
+
+def _extend_mask(got: dict, m: int) -> None:
+    """Prepend m ones (the prompt rows) to the call's 2-D attention mask, in place."""
+    mask = got.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        got["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], m), mask], 1)
+
+
+def _prompts_already_in(got: dict) -> bool:
+    """Whether the input prompts of this call were applied before it: generation past its first
+    step (the cache holds the prompt rows' keys/values, or their GPC-rewritten successors) or an
+    encoder-decoder call with ``encoder_outputs`` (the encoder ran with the prompts)."""
+    return got.get("encoder_outputs") is not None or compat.cache_length_of_call(got) > 0
+
+
 class PromptForward:
     """The prompt-carrying model's instance ``forward`` (accepts ``task_ids`` (B,)). A callable
     object holding the model, so a deep copy of the model copies it with the model."""
@@ -165,6 +196,10 @@ class PromptForward:
         state = get_state(self.model)
         sig = inspect.signature(_inner_forward(self.model, state))
         params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        if state.prompts.kind == "input":
+            # input prompts place real tokens after the prompts themselves; without the
+            # parameter, generate() does not invent position_ids from the attention mask
+            params = [p for p in params if p.name != "position_ids"]
         params.append(inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
         params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
         return sig.replace(parameters=params)
@@ -175,12 +210,19 @@ class PromptForward:
         module = state.prompts
         inner = _inner_forward(model, state)
         checkpointing.ensure(state)
+        names, got = compat.bind(inner, args, kwargs)
         if module.kind == "input":
+            if _prompts_already_in(got):
+                # the prompt rows are in the cache / the encoder output: only the mask grows
+                got = {k: v for k, v in got.items() if v is not None}
+                _extend_mask(got, module.num_virtual_tokens)
+                if got.get("position_ids") is not None:
+                    raise ValueError("position_ids cannot be combined with input prompts")
+                return inner(**got)
             new_kwargs, gpc = _prepend_prompts(model, state, module, args, kwargs, task_ids)
             with use_context(PrefixContext(position_offset=False, gpc=gpc)):
                 return inner(**new_kwargs)
-        names, got = compat.bind(inner, args, kwargs)
-        ref = got.get("input_ids") if got.get("input_ids") is not None else got.get("inputs_embeds")
+        ref = _batch_reference(got)
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
@@ -188,6 +230,62 @@ class PromptForward:
                             position_offset=module.position_offset)
         with use_context(ctx):
             return inner(*args, **kwargs)
+
+
+class EncoderForward:
+    """The encoder stack's instance ``forward`` on an encoder-decoder model with prompts.
+
+    ``generate()`` runs the encoder itself (``model.get_encoder()(...)``), outside the model's
+    ``forward``: without this, that call would see no prefix context, so the encoder-site prefix
+    (or the input prompts and the Global Prompt Cell) would be silently dropped. Inside the
+    model's own forward a context is already active and this passes straight through; called
+    alone it makes the call's context exactly as ``PromptForward`` would. Accepts ``task_ids``
+    (B,) (declared in its signature, so ``generate(task_ids=...)`` hands them over)."""
+
+    def __init__(self, model, encoder):
+        self.model, self.encoder = model, encoder
+
+    def _inner(self):
+        state = get_state(self.model)
+        if state.previous_encoder_forward is not None:
+            return state.previous_encoder_forward
+        return type(self.encoder).forward.__get__(self.encoder)
+
+    @property
+    def __signature__(self):
+        sig = inspect.signature(self._inner())
+        params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        params.append(inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+        params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+        return sig.replace(parameters=params)
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        inner = self._inner()
+        if current() is not None:          # inside the model's forward: its context applies
+            return inner(*args, **kwargs)
+        module = get_state(self.model).prompts
+        names, got = compat.bind(inner, args, kwargs)
+        got = {k: v for k, v in got.items() if v is not None}
+        if module.kind == "input":
+            ids, embeds = got.pop("input_ids", None), got.pop("inputs_embeds", None)
+            if embeds is None:
+                if ids is None:
+                    raise ValueError("pass input_ids or inputs_embeds")
+                embeds = self.model.get_input_embeddings()(ids)
+            prompts = select_prompts(module.input_prompts(), task_ids, embeds.shape[0]).to(embeds.dtype)
+            got["inputs_embeds"] = torch.cat([prompts, embeds], 1)
+            _extend_mask(got, prompts.shape[1])
+            gpc = GPCRun(module.gpc, prompts.shape[1], prompts) if module.gpc is not None else None
+            with use_context(PrefixContext(position_offset=False, gpc=gpc)):
+                return inner(**got)
+        ref = _batch_reference(got)
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
+        ctx = PrefixContext(module.prefix_kv(), prefix_index=ids,
+                            position_offset=module.position_offset)
+        with use_context(ctx):
+            return inner(**got)
 
 
 def patch_with_prompts(model, config, *, backend):
@@ -212,6 +310,13 @@ def patch_with_prompts(model, config, *, backend):
         state.previous_forward = model.__dict__.get("forward")
         model.__dict__["forward"] = PromptForward(model)
         state.wrapped_forward = True
+        # Trainer checkpoints and save_pretrained keep only what trains (prompts, heads)
+        model.__dict__["save_pretrained"] = TrainableSavePretrained(model)
+        if state.arch.is_encoder_decoder:
+            encoder = model.get_encoder()
+            state.previous_encoder_forward = encoder.__dict__.get("forward")
+            encoder.__dict__["forward"] = EncoderForward(model, encoder)
+            state.encoder = encoder
     except BaseException:
         undo_prompts(model, state)
         raise
@@ -220,6 +325,14 @@ def patch_with_prompts(model, config, *, backend):
 
 def undo_prompts(model, state) -> None:
     """Undo ``patch_with_prompts`` (forward, prompt module, flags) and then the base patch."""
+    if state.encoder is not None:
+        if state.previous_encoder_forward is not None:
+            state.encoder.__dict__["forward"] = state.previous_encoder_forward
+        else:
+            state.encoder.__dict__.pop("forward", None)
+        state.encoder = state.previous_encoder_forward = None
+    if isinstance(model.__dict__.get("save_pretrained"), TrainableSavePretrained):
+        del model.__dict__["save_pretrained"]
     if state.wrapped_forward:
         if state.previous_forward is not None:
             model.__dict__["forward"] = state.previous_forward

@@ -76,14 +76,32 @@ _CURRENT: contextvars.ContextVar[Optional[PrefixContext]] = contextvars.ContextV
     "ptkernels_prefix_context", default=None)
 
 
+# Contexts of calls that torch.compile traces. Dynamo cannot trace ContextVar.set(), so while
+# compiling the context goes on this list instead. Tracing reads it (in the compiled graph the
+# prefix tensors flow into the attention ops as graph values, so concurrent compiled calls each
+# use their own prefixes), and so does the eager code between two graphs when a compiled call
+# has a graph break inside the block (Dynamo replays the append there). Known limit: during such
+# a graph-broken compiled call, an eager forward of another thread would see this context.
+_TRACED: list = []
+
+
 def current() -> Optional[PrefixContext]:
     """The prefix context of the call in progress in this thread / task (None outside one)."""
+    if _TRACED:
+        return _TRACED[-1]
     return _CURRENT.get()
 
 
 @contextlib.contextmanager
 def use_context(ctx: Optional[PrefixContext]):
     """Make ``ctx`` the active prefix context for the duration of the block (this thread only)."""
+    if torch.compiler.is_compiling():
+        _TRACED.append(ctx)
+        try:
+            yield ctx
+        finally:
+            _TRACED.pop()
+        return
     token = _CURRENT.set(ctx)
     try:
         yield ctx
@@ -127,6 +145,8 @@ class PatchState:
     heads: tuple = ()                           # task heads left trainable
     wrapped_forward: bool = False               # model.__dict__["forward"] is ours
     previous_forward: Any = None                # an instance forward the model had before
+    encoder: Any = None                         # encoder-decoder: the encoder given an EncoderForward
+    previous_encoder_forward: Any = None        # the instance forward that encoder had before
     # the PEFT path (patch_model(peft_model))
     peft_kind: Optional[str] = None
 

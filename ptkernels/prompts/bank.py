@@ -24,7 +24,10 @@ def check_task_ids(task_ids: Optional[torch.Tensor], num_tasks: int, batch: int)
                          f"{getattr(task_ids, 'shape', type(task_ids).__name__)}")
     if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
         raise TypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
-    if batch and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+    # The range check reads the data: under torch.compile it would break the graph (as in
+    # prefix_attention's prefix_index check, compiled code trusts the ids).
+    if batch and not torch.compiler.is_compiling() and (
+            int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
         raise ValueError(f"task_ids must lie in [0, {num_tasks}), got values in "
                          f"[{int(task_ids.min())}, {int(task_ids.max())}]")
     return task_ids.long()
