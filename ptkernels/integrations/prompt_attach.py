@@ -129,12 +129,12 @@ def _gpc_hook(state, module):
 
 def patch_with_prompts(model, config, *, backend):
     from ptkernels.prompts import build_prompt_module, trainable_head_names
-    from ptkernels.prompts.configs import PTuningV2Config
     state = patch_base(model, backend=backend)
     try:
         spec = model_spec(model, state)
         module = build_prompt_module(config, spec, backend=backend)
-        heads = trainable_head_names(model) if isinstance(config, PTuningV2Config) else []
+        # A classification head stays trainable for every method (as PEFT's modules_to_save).
+        heads = trainable_head_names(model) if config.train_head else []
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         state.extra.update(spec=spec, prompts=module, embed=model.get_input_embeddings(),
                            forward=model.forward)
