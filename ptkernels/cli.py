@@ -1,5 +1,5 @@
 """The `ptkernels` command: `ptkernels demo` (prompt tuning on a real pretrained model, ptkernels vs
-PEFT), `ptkernels info` (what is installed and which backend runs each op) and `ptkernels check` (a
+PEFT), `ptkernels bench` (kernel and training-step benchmarks), `ptkernels info` (what is installed and which backend runs each op) and `ptkernels check` (a
 small prefix-attention call checked against the float64 reference)."""
 
 from __future__ import annotations
@@ -148,6 +148,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ptkernels.bench.run import run
+    try:
+        run(args)
+    except ValueError as err:
+        print(f"ptkernels bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
@@ -207,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                             description=demo_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo_arguments(p_demo)
     p_demo.set_defaults(func=cmd_demo)
+    from ptkernels.bench.run import __doc__ as bench_doc, add_arguments as bench_arguments
+    p_bench = sub.add_parser("bench", help="kernel microbenchmarks and end-to-end training steps "
+                             "(CSV + Markdown + PNG)", description=bench_doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_arguments(p_bench)
+    p_bench.set_defaults(func=cmd_bench)
     p_check = sub.add_parser("check", help="run a small prefix attention and compare it with the float64 reference")
     p_check.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p_check.add_argument("--backend", default="auto", help="auto, eager, triton or cuda (default: auto)")

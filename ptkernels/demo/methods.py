@@ -138,11 +138,10 @@ def _pass_prefix_cache(peft_model) -> None:
         return
     inner = backbone.forward
 
-    def forward(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, past_key_values=None, **kwargs):
-        return inner(input_ids=input_ids, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, position_ids=position_ids,
-                     inputs_embeds=inputs_embeds, cache=past_key_values, **kwargs)
+    def forward(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return inner(*args, **kwargs)
     backbone.forward = forward
 
 
