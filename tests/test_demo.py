@@ -65,7 +65,8 @@ def test_demo_frozen_head_switch(tmp_path, capsys, monkeypatch):
     assert report["setup"]["train_head"] is False
     run, = report["runs"]
     assert run["engine"] == "ptkernels"   # the GPC has no PEFT equivalent: not attempted
-    assert run["trainable_parameters"] < 2 * 384 * 2 * 384 + 2 * 384 + 2 * 384 + 384 * 3
+    # prompts (1, 2, 384) + the GPC's (768, 768) weight and (768,) bias; no head
+    assert run["trainable_parameters"] == 2 * 384 + 768 * 768 + 768
 
 
 def _csv(tmp_path, text):
