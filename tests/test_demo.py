@@ -121,3 +121,20 @@ def test_train_head_must_be_a_bool():
     import ptkernels
     with pytest.raises(TypeError, match="PromptTuningConfig.train_head"):
         ptkernels.PromptTuningConfig(4, train_head="yes")
+
+
+@needs_data
+def test_demo_all_methods_over_seeds(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = _demo(capsys, "--methods", "all", "--steps", "2", "--max-train", "8",
+                           "--batch-size", "4", "--max-len", "8", "--tokens", "2", "--test-size",
+                           "10", "--out", str(tmp_path))
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["setup"]["seeds"] == [0, 1, 2] and report["setup"]["engines"] == ["ptkernels"]
+    rows = {r["method"]: r for r in report["summary"]}
+    assert sorted(rows) == sorted(["p-tuning-v2", "prefix-tuning", "prompt-tuning", "prompt-tuning+gpc"])
+    for r in rows.values():
+        assert r["seeds"] == [0, 1, 2] and len(r["accuracies"]) == 3 and r["accuracy_std"] >= 0.0
+    assert rows["prompt-tuning+gpc"]["trainable_parameters"] > rows["prompt-tuning"]["trainable_parameters"]
+    assert "(n=3)" in out and os.path.exists(report["files"]["loss_png"])
