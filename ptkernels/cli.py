@@ -1,5 +1,6 @@
-"""The `ptkernels` command: `ptkernels info` (what is installed and which backend runs each op) and
-`ptkernels demo` (a small prefix-attention call checked against the float64 reference)."""
+"""The `ptkernels` command: `ptkernels demo` (prompt tuning on a real pretrained model, ptkernels vs
+PEFT), `ptkernels bench` (kernel and training-step benchmarks), `ptkernels info` (what is installed and which backend runs each op) and `ptkernels check` (a
+small prefix-attention call checked against the float64 reference)."""
 
 from __future__ import annotations
 
@@ -137,6 +138,27 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ptkernels.demo.data import DemoInputError
+    from ptkernels.demo.run import run
+    try:
+        run(args)
+    except DemoInputError as err:  # the user's input: a message, not a traceback
+        print(f"ptkernels demo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ptkernels.bench.run import run
+    try:
+        run(args)
+    except ValueError as err:
+        print(f"ptkernels bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
     import ptkernels
@@ -190,10 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, native library, GPUs and the backend each op uses")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_info.set_defaults(func=cmd_info)
-    p_demo = sub.add_parser("demo", help="run a small prefix attention and compare it with the float64 reference")
-    p_demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p_demo.add_argument("--backend", default="auto", help="auto, eager, triton or cuda (default: auto)")
+    from ptkernels.demo.run import __doc__ as demo_doc, add_arguments as demo_arguments
+    p_demo = sub.add_parser("demo", help="prompt-tune a real pretrained model offline: ptkernels vs PEFT",
+                            description=demo_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo_arguments(p_demo)
     p_demo.set_defaults(func=cmd_demo)
+    from ptkernels.bench.run import __doc__ as bench_doc, add_arguments as bench_arguments
+    p_bench = sub.add_parser("bench", help="kernel microbenchmarks and end-to-end training steps "
+                             "(CSV + Markdown + PNG)", description=bench_doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_arguments(p_bench)
+    p_bench.set_defaults(func=cmd_bench)
+    p_check = sub.add_parser("check", help="run a small prefix attention and compare it with the float64 reference")
+    p_check.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p_check.add_argument("--backend", default="auto", help="auto, eager, triton or cuda (default: auto)")
+    p_check.set_defaults(func=cmd_check)
     return parser
 
 

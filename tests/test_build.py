@@ -174,8 +174,8 @@ def test_info_honours_ptkernels_backend():
     assert all(r["backend"] == "eager" for r in info["backends"] if r["device"] == "cpu")
 
 
-def test_demo_matches_the_reference():
-    result = _run([sys.executable, "-m", "ptkernels", "demo"], PTKERNELS_BACKEND=None)
+def test_check_matches_the_reference():
+    result = _run([sys.executable, "-m", "ptkernels", "check"], PTKERNELS_BACKEND=None)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "backend 'eager'" in result.stdout and result.stdout.rstrip().endswith("OK"), result.stdout
 

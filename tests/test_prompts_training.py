@@ -86,9 +86,11 @@ def _train(model, batch, steps=10, lr=1e-1, **kw):
     ("llama", PrefixTuningConfig(4, projection_hidden_size=True), False),
     ("bart", PrefixTuningConfig(3), False),
     ("bert", PTuningV2Config(4), True),
-    ("bert", PromptTuningConfig(4, gpc=GPCConfig()), False),
+    ("bert", PromptTuningConfig(4, gpc=GPCConfig()), True),
+    ("bert", PrefixTuningConfig(4, train_head=False), False),
     ("gpt2", PromptTuningConfig(3, init="words", init_token_ids=[5, 6, 7]), False),
-], ids=["llama-prefix-mlp", "bart-prefix-all-sites", "bert-v2", "bert-gpc", "gpt2-prompt"])
+], ids=["llama-prefix-mlp", "bart-prefix-all-sites", "bert-v2", "bert-gpc", "bert-prefix-frozen-head",
+     "gpt2-prompt"])
 def test_every_method_trains_and_only_prompts_change(model_type, cfg, head):
     torch.manual_seed(0)
     # initializer_range 0.5: the default 0.02 gives near-uniform logits that no prompt can move far

@@ -144,6 +144,17 @@ def merge_segments_(o1, l1, o2, l2):
     return o1.mul_(w1).add_(o2.mul_(w2)), lse
 
 
+def merge_prefix_into(out, o_prefix, l_prefix, o_seq, l_seq):
+    """``merge_segments_`` for a prefix partial, whose lse is finite on every row (prefix keys
+    are always visible): one interpolation pass ``o_seq + w (o_prefix - o_seq)`` with the prefix
+    weight ``w = exp(l_p - lse) = sigmoid(l_p - l_s)`` (1 on rows that see no sequence key),
+    written into ``out`` (contiguous), so that merging also does the layout copy the CPU flash
+    kernel's (B, N, H, D)-strided outputs would need anyway. Returns (out, lse)."""
+    lse = torch.logaddexp(l_prefix, l_seq)
+    w = torch.sigmoid(l_prefix - l_seq).nan_to_num_(0.0).unsqueeze(-1)  # NaN: both -inf
+    return torch.lerp(o_seq, o_prefix, w.to(o_seq.dtype), out=out), lse
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +237,11 @@ class _Geometry:
         # dropout (it cannot return the mask it drew); other devices take the math segments.
         self.flash = (USE_CPU_FLASH and q.device.type == "cpu" and softcap <= 0
                       and dropout_p <= 0)
+        if key_padding_mask is not None and key_padding_mask.device.type == "cpu" \
+                and bool(key_padding_mask.all()):
+            # Nothing padded (fixed-length training batches): no mask lets the CPU flash kernel
+            # take its unmasked (and, square, is_causal) path instead of reading a mask.
+            key_padding_mask = None
         self.key_padding_mask = key_padding_mask
         self.bias_p = self.bias_s = None
         if attn_bias is not None:
@@ -384,6 +400,9 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         out_s, lse_s = _sequence_forward(q, k, v, geo, scale, keep_s, dropout_p)
         if out is None:
             out, lse = out_s, lse_s
+        elif out.dtype == q.dtype:  # float32 / float64: merge straight into the contiguous output
+            out, lse = merge_prefix_into(torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                                         out, lse, out_s, lse_s)
         else:
             out, lse = merge_segments_(out, lse, out_s, lse_s)
     if out is None:  # no prefix and no keys at all
@@ -402,9 +421,15 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
                     causal, window, softcap, dropout_p)
     keep_p, keep_s = _keep_parts(geo)
     do = grad_out.to(geo.acc)
-    delta = (do * out.to(geo.acc)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(geo.acc)
+    delta = None
+
+    def get_delta():  # rowsum(dO * O): only the plain-math segments need it
+        nonlocal delta
+        if delta is None:
+            delta = (do * out.to(geo.acc)).sum(-1)
+            if grad_lse is not None:
+                delta = delta - grad_lse.to(geo.acc)
+        return delta
     lse_safe = _safe_lse(lse.to(geo.acc))
     dq = dk = dv = dpk = dpv = None
 
@@ -423,7 +448,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
         pk, pv = geo.prefix_parts(prefix_k, prefix_v, prefix_index)
         dq_g, dpk, dpv = _segment_backward(
             geo.folded(q, geo.shared), pk, pv, geo.folded(do, geo.shared),
-            _fold_lse(lse_safe, geo.hkv, geo.shared), _fold_lse(delta, geo.hkv, geo.shared),
+            _fold_lse(lse_safe, geo.hkv, geo.shared), _fold_lse(get_delta(), geo.hkv, geo.shared),
             scale, softcap, geo.folded(geo.bias_p, geo.shared), None,
             geo.folded(keep_p, geo.shared), dropout_p, need_dq, need_dpk, need_dpv)
         if dq_g is not None:
@@ -443,12 +468,16 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
             vis_g = None if vis is None else fold(vis.expand(geo.b, geo.hq, geo.nq, geo.nk), geo.hkv, False)
             dq_g, dk, dv = _segment_backward(
                 geo.folded(q, False), k.to(geo.acc), v.to(geo.acc), geo.folded(do, False),
-                _fold_lse(lse_safe, geo.hkv, False), _fold_lse(delta, geo.hkv, False), scale,
+                _fold_lse(lse_safe, geo.hkv, False), _fold_lse(get_delta(), geo.hkv, False), scale,
                 softcap, geo.folded(geo.bias_s, False), vis_g, geo.folded(keep_s, False),
                 dropout_p, need_dq, need_dk, need_dv)
             dq_s = None if dq_g is None else unfold(dq_g, geo.b, geo.hq, geo.nq, False)
-        if need_dq:
-            dq = dq_s if dq is None else dq.add_(dq_s)
+        if need_dq and dq is None:
+            dq = dq_s
+        elif need_dq and dq.dtype == q.dtype:  # sum straight into the contiguous gradient
+            dq = torch.add(dq, dq_s, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        elif need_dq:
+            dq = dq.add_(dq_s)
 
     def finish(grad, like, need):
         if not need:

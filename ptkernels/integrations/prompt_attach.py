@@ -28,7 +28,6 @@ from ptkernels.integrations.state import (GPCRun, PrefixContext, add_hook, curre
                                           use_context)
 from ptkernels.prompts import ModelSpec, SiteSpec, build_prompt_module, trainable_head_names
 from ptkernels.prompts.bank import check_task_ids, select_prompts
-from ptkernels.prompts.configs import PTuningV2Config
 
 PROMPTS_ATTR = "ptk_prompts"
 
@@ -294,8 +293,10 @@ def patch_with_prompts(model, config, *, backend):
         spec = model_spec(model, state)
         module = build_prompt_module(config, spec, backend=backend)
         module.train(model.training)
-        # the one place that decides which task heads stay trainable (P-Tuning v2 only)
-        heads = trainable_heads(model, state.arch) if isinstance(config, PTuningV2Config) else []
+        # the one place that decides which task heads stay trainable: a classification head
+        # trains with every method by default (as PEFT's modules_to_save); config.train_head=False
+        # keeps it frozen
+        heads = trainable_heads(model, state.arch) if config.train_head else []
         # the spec outlives the build without capture_kv (a closure over this model object)
         state.spec, state.heads = dataclasses.replace(spec, capture_kv=None), tuple(heads)
         state.flags = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -55,6 +55,11 @@ def _check_token_ids(init: str, ids) -> Optional[tuple]:
     return ids
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def projection_size(value) -> Optional[int]:
     """The MLP hidden size a ``projection_hidden_size`` value means (None: no MLP)."""
     if value is None or value is False or value == 0:
@@ -92,6 +97,8 @@ class PrefixTuningConfig:
     ``num_virtual_tokens`` must then equal ``len(init_token_ids)``. ``sites`` (encoder-decoder
     models): any of "encoder", "decoder", "cross"; None = every site the model has.
     ``num_tasks`` > 1 holds a bank of prefixes chosen per row by task id.
+    ``train_head``: on a classification / QA model, its task head (``trainable_head_names``) stays
+    trainable, as PEFT keeps it for sequence classification (``modules_to_save``); False freezes it.
     """
     num_virtual_tokens: int
     projection_hidden_size: Optional[int] = None
@@ -101,6 +108,7 @@ class PrefixTuningConfig:
     sites: Optional[Sequence[str]] = None
     num_tasks: int = 1
     position_offset: bool = True
+    train_head: bool = True
 
     method = "prefix_tuning"
 
@@ -109,6 +117,7 @@ class PrefixTuningConfig:
         _check_count("PrefixTuningConfig.num_tasks", self.num_tasks)
         _check_projection(self.projection_hidden_size)
         _check_dropout("PrefixTuningConfig.prefix_dropout", self.prefix_dropout)
+        _check_flag("PrefixTuningConfig.train_head", self.train_head)
         if self.init not in PREFIX_INITS:
             raise ValueError(f"PrefixTuningConfig.init must be one of {PREFIX_INITS}, got {self.init!r}")
         self.init_token_ids = _check_token_ids(self.init, self.init_token_ids)
@@ -135,12 +144,13 @@ class PTuningV2Config:
     """P-Tuning v2 (Liu et al. 2022): deep prompts (a K/V prefix) at every attention layer, no
     reparameterization by default, dropout on the prefix K/V as the official code applies it
     (``prefix_dropout``, in training only). The task head of classification models stays trainable
-    (``ptkernels.prompts.trainable_head_names``)."""
+    (``ptkernels.prompts.trainable_head_names``) unless ``train_head=False``."""
     num_virtual_tokens: int
     projection_hidden_size: Optional[int] = None
     prefix_dropout: float = 0.1
     num_tasks: int = 1
     position_offset: bool = True
+    train_head: bool = True
 
     method = "p_tuning_v2"
     init = "random"
@@ -152,6 +162,7 @@ class PTuningV2Config:
         _check_count("PTuningV2Config.num_tasks", self.num_tasks)
         _check_projection(self.projection_hidden_size)
         _check_dropout("PTuningV2Config.prefix_dropout", self.prefix_dropout)
+        _check_flag("PTuningV2Config.train_head", self.train_head)
 
     @property
     def projection(self) -> Optional[int]:
@@ -167,18 +178,21 @@ class PromptTuningConfig:
     (embeddings of random vocabulary tokens), or "words" (embeddings of ``init_token_ids``,
     repeated cyclically / truncated to ``num_virtual_tokens`` as PEFT's TEXT init does).
     ``num_tasks`` > 1: a bank of T prompts; ``input_prompts()`` returns (T, m, hidden).
+    ``train_head``: as in ``PrefixTuningConfig`` (a new classification head stays trainable).
     """
     num_virtual_tokens: int
     init: str = "random"
     init_token_ids: Optional[Sequence[int]] = None
     gpc: Optional[GPCConfig] = None
     num_tasks: int = 1
+    train_head: bool = True
 
     method = "prompt_tuning"
 
     def __post_init__(self):
         _check_count("PromptTuningConfig.num_virtual_tokens", self.num_virtual_tokens)
         _check_count("PromptTuningConfig.num_tasks", self.num_tasks)
+        _check_flag("PromptTuningConfig.train_head", self.train_head)
         if self.init not in PROMPT_INITS:
             raise ValueError(f"PromptTuningConfig.init must be one of {PROMPT_INITS}, got {self.init!r}")
         self.init_token_ids = _check_token_ids(self.init, self.init_token_ids)

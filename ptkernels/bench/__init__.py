@@ -1,0 +1,1 @@
+"""`ptkernels bench`: kernel microbenchmarks and end-to-end training steps (see ``run``)."""

@@ -1,0 +1,1 @@
+"""`ptkernels demo`: prompt tuning on a real pretrained model, offline (see ``run``)."""
