@@ -1,5 +1,6 @@
 # ptkernels developer commands. On a fresh Linux machine with Python 3.11:
-#   make demo    create .venv, install the locked dependencies, build ptkernels (editable), run the demo
+#   make demo    create .venv, install the locked dependencies, build ptkernels (editable), prompt-tune
+#                a real pretrained model offline (ptkernels vs PEFT: table, JSON, plots)
 #   make test    the same setup, then the test suite (CPU; GPU tests are skipped without CUDA)
 # Dependencies come from requirements/lock.txt (exact versions of every direct and transitive
 # package), so a clean clone next month resolves the same set. Other targets:
@@ -39,12 +40,12 @@ BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h
 .PHONY: help test test-latest test-oldest lock demo gpu-check bench wheel clean distclean install FORCE
 
 help:
-	@echo "make demo       set up .venv and run a small example (first run installs torch: a few minutes)"
+	@echo "make demo       set up .venv and prompt-tune a real model offline, ptkernels vs PEFT (a few minutes)"
 	@echo "make test       set up .venv and run the test suite (pytest -n 2)"
 	@echo "make test-latest / test-oldest   the suite on the newest releases / the oldest supported ones"
 	@echo "make lock       regenerate requirements/lock.txt and lock-oldest.txt"
 	@echo "make gpu-check  on a CUDA machine: GPU tests + benchmarks, report in $(RESULTS)/"
-	@echo "make bench      run benchmarks/bench_*.py"
+	@echo "make bench      ptkernels bench: kernel microbenchmarks + training steps into $(RESULTS)/"
 	@echo "make wheel      build a CUDA/native wheel and a pure-Python wheel into dist/"
 	@echo "make clean      remove build outputs (keeps .venv); make distclean also removes .venv"
 
@@ -119,10 +120,12 @@ lock:
 		mv $$out.tmp $$out; rm -rf $$tmp; echo "wrote $$out"; \
 	done
 
+# The product's main job, offline: prompt-tune the pretrained MiniLM (a locked package) on a locked
+# sentiment corpus through patch_model and through PEFT, table + JSON + plots (a few minutes on 2 cores).
 demo: $(STAMPS)/build
 	$(PY) -m ptkernels info
 	@echo
-	$(PY) -m ptkernels demo
+	HF_HUB_OFFLINE=1 $(PY) -m ptkernels demo
 
 # GPU tests and benchmarks in one command on a CUDA machine; the report lands in benchmarks/results/.
 gpu-check: $(STAMPS)/build
@@ -143,11 +146,10 @@ gpu-check: $(STAMPS)/build
 	done; \
 	echo "report: $$report"; exit $$status
 
+# Kernel microbenchmarks and end-to-end training steps (CSV + Markdown + PNG into benchmarks/results/).
 bench: $(STAMPS)/build
 	@mkdir -p $(RESULTS)
-	@benches="$(sort $(wildcard benchmarks/bench_*.py))"; \
-	if [ -z "$$benches" ]; then echo "no benchmarks/bench_*.py yet"; exit 0; fi; \
-	for bench in $$benches; do echo "== $$bench"; $(PY) $$bench; done
+	HF_HUB_OFFLINE=1 $(PY) -m ptkernels bench
 
 # A native wheel tagged with the CUDA and torch it was built against (0.1.0+cu130torch2.14; with a CPU
 # torch: +cputorch2.14, CPU ops only) and a pure-Python wheel (no ptkernels._C: eager + Triton).
