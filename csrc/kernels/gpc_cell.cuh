@@ -309,25 +309,4 @@ inline void bwd_variant(const GpcParams& p, ptk_stream_t stream) {
 
 }  // namespace gpc
 
-template <typename T>
-inline void launch_gpc_cell_fwd(const GpcParams& p, ptk_stream_t stream) {
-  switch (p.variant) {
-    case kLstm: gpc::fwd_variant<T, kLstm>(p, stream); break;
-    case kCandidate: gpc::fwd_variant<T, kCandidate>(p, stream); break;
-    case kGru: gpc::fwd_variant<T, kGru>(p, stream); break;
-    default: gpc::fwd_variant<T, kReinject>(p, stream); break;
-  }
-}
-
-// Needs p.da (M x G*d), p.gu, p.gs (M x d) float32 scratch; writes the gradients whose pointers are set.
-template <typename T>
-inline void launch_gpc_cell_bwd(const GpcParams& p, ptk_stream_t stream) {
-  switch (p.variant) {
-    case kLstm: gpc::bwd_variant<T, kLstm>(p, stream); break;
-    case kCandidate: gpc::bwd_variant<T, kCandidate>(p, stream); break;
-    case kGru: gpc::bwd_variant<T, kGru>(p, stream); break;
-    default: gpc::bwd_variant<T, kReinject>(p, stream); break;
-  }
-}
-
 }  // namespace ptk

@@ -332,7 +332,3 @@ inline void launch_prefix_attention_bwd_simt(const AttnParams& p, bool need_dq, 
 }
 
 }  // namespace ptk
-
-// The dtype dispatcher launch_prefix_attention_bwd<T> (float16 / bfloat16 -> tensor cores) lives
-// with the WMMA kernels; included here so that including this header gives the whole backward.
-#include "prefix_attention_bwd_wmma.cuh"
