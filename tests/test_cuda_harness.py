@@ -3,8 +3,10 @@ tests/host_harness (one host thread per CUDA thread, barriers for __syncthreads,
 buffer for warp shuffles) and judged against the float64 eager reference with DESIGN.md's rule.
 
 What this proves: indexing and strides, masking and tails, block skipping, the online-softmax
-math, reductions (shuffle lane math), barrier placement logic, dtype conversions. What it cannot:
-timing, the hardware memory model (a race may pass), fast-math ULPs, tensor-core fragment layouts.
+math, reductions (shuffle lane math), barrier placement logic, dtype conversions, and for the
+mma.sync kernels the per-lane fragment layouts and the cp.async pipeline order (emulated by
+tests/host_harness/tensor_core_shim.h, see tests/test_cuda_tensor_core_shim.py). What it cannot:
+timing, the hardware memory model beyond the tracked shared-memory hazards, fast-math ULPs.
 """
 from __future__ import annotations
 

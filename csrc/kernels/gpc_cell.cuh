@@ -14,6 +14,8 @@
 //   forward   : a = X W (+ bias, gating epilogue, preact written in float32)
 //   backward  : dX = dA W^T (+ the direct terms), dW = X^T dA, db = 1^T dA
 // Reductions over the batch (dW, db, a shared state's gradient) loop inside a block: no atomics.
+// float16 / bfloat16 forwards run the same epilogue on an mma.sync GEMM (gpc_cell_mma.cuh);
+// gpc_cell_launch.cuh dispatches.
 #pragma once
 
 #include "common.cuh"

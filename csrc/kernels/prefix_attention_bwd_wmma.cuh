@@ -1,3 +1,5 @@
+// Used for head dims above 128 only (the mma.sync backward, prefix_attention_bwd_mma.cuh, holds
+// dK and dV in registers, which does not fit at D = 256).
 // prefix_attention backward on tensor cores (float16 / bfloat16, sm_80+): the FlashAttention-2
 // backward of prefix_attention_bwd.cuh with every matrix product as 16x16x16 WMMA products
 // (nvcuda::wmma), fp32 accumulation. Same kernels, same work split, same reductions (no atomics,
