@@ -1,5 +1,6 @@
 // CUDA implementations of ptk::gpc_cell_fwd / ptk::gpc_cell_bwd: checks, allocation, GpcParams;
-// the kernels are in csrc/kernels/gpc_cell.cuh. Lean headers only (no torch/extension.h).
+// the kernels are in csrc/kernels/gpc_cell*.cuh, the dispatch in gpc_cell_launch.cuh.
+// Lean headers only (no torch/extension.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,7 +13,7 @@
 #include <tuple>
 
 #include "dispatch.h"
-#include "kernels/gpc_cell.cuh"
+#include "kernels/gpc_cell_launch.cuh"
 
 namespace ptk {
 namespace {

@@ -14,8 +14,7 @@
 #include <tuple>
 
 #include "dispatch.h"
-#include "kernels/prefix_attention_bwd.cuh"
-#include "kernels/prefix_attention_fwd_wmma.cuh"
+#include "kernels/prefix_attention_launch.cuh"
 
 namespace ptk {
 namespace {
@@ -122,7 +121,9 @@ std::tuple<Tensor, Tensor> prefix_attention_fwd_cuda(const Tensor& q, const Tens
   r.p.lse = lse.data_ptr<float>();
   // Decode-like calls split the keys across blocks (split-K) and merge the partials by lse.
   Tensor part_out, part_lse;
-  r.p.num_splits = prefix_attention_decode_splits(r.p);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  r.p.num_splits = prefix_attention_decode_splits(r.p, sms, q.scalar_type() != at::kFloat);
   if (r.p.num_splits > 1) {
     r.p.split_len = prefix_attention_split_len(r.p, r.p.num_splits);
     auto f32 = q.options().dtype(at::kFloat);
@@ -185,6 +186,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd_cuda(
   p.dv = need_dv ? dv.data_ptr() : nullptr;
   p.dprefix_k = need_dpk ? dpk.data_ptr() : nullptr;
   p.dprefix_v = need_dpv ? dpv.data_ptr() : nullptr;
+  // The tensor-core backward (16-bit, D <= 128) cuts the prefix-gradient work into shares that
+  // fill the device (about 2 blocks per SM); the fp32 partials are reduced in a fixed order.
+  Tensor part_dpk, part_dpv;
+  if (!empty_problem && (need_dpk || need_dpv) && q.scalar_type() != at::kFloat && p.D <= 128) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+    p.prefix_splits = prefix_grad_splits(p, sms);
+    if (p.prefix_splits > 1) {
+      const int64_t n = prefix_grad_workspace(p);
+      part_dpk = at::empty({n}, q.options().dtype(at::kFloat));
+      part_dpv = at::empty({n}, q.options().dtype(at::kFloat));
+      p.part_dpk = part_dpk.data_ptr<float>();
+      p.part_dpv = part_dpv.data_ptr<float>();
+    }
+  }
   if (!empty_problem && (need_dq || need_dk || need_dv || need_dpk || need_dpv)) {
     auto stream = c10::cuda::getCurrentCUDAStream().stream();
     dispatch_float_dtype("prefix_attention", q.scalar_type(), [&](auto tag) {

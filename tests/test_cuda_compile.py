@@ -1,5 +1,7 @@
 """Every CUDA kernel in csrc/kernels compiles with nvcc for sm_80 and sm_90 without register
-spills; prints the resource table (registers, stack, spills, static shared memory).
+spills; prints the resource table (registers, stack, spills, static shared memory). The SASS of
+every mma.sync (FlashAttention-2-style) 16-bit kernel contains tensor-core MMA (HMMA), ldmatrix
+(LDSM) and cp.async (LDGSTS) instructions: a refactor that loses one fails here.
 
 The torch-free .cuh headers are compiled through tiny kernel-only .cu files (explicit
 instantiations of the launchers, which instantiate every kernel), so this check takes seconds
@@ -34,15 +36,15 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_H
 
 # One translation unit per kernel family: the instantiations the extension uses.
 UNITS = {
-    "prefix_attention_fwd": ['#include "prefix_attention_fwd_wmma.cuh"'] + [
+    "prefix_attention_fwd": ['#include "prefix_attention_launch.cuh"'] + [
         f"template void ptk::launch_prefix_attention_fwd<{t}>(const ptk::AttnParams&, ptk_stream_t);"
         for t in DTYPES],
-    "prefix_attention_bwd": ['#include "prefix_attention_bwd.cuh"'] + [
+    "prefix_attention_bwd": ['#include "prefix_attention_launch.cuh"'] + [
         f"template void ptk::launch_prefix_attention_bwd<{t}>(const ptk::AttnParams&, bool, ptk_stream_t);"
         for t in DTYPES],
 }
 if (KERNELS / "gpc_cell.cuh").exists():
-    UNITS["gpc_cell"] = ['#include "gpc_cell.cuh"'] + [
+    UNITS["gpc_cell"] = ['#include "gpc_cell_launch.cuh"'] + [
         f"template void ptk::launch_gpc_cell_fwd<{t}>(const ptk::GpcParams&, ptk_stream_t);"
         for t in DTYPES] + [
         f"template void ptk::launch_gpc_cell_bwd<{t}>(const ptk::GpcParams&, ptk_stream_t);"
@@ -82,6 +84,40 @@ def parse_ptxas(log: str):
     return rows
 
 
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, PATH, or the copy every Triton wheel ships."""
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cand = [Path(home, "bin", "cuobjdump"), shutil.which("cuobjdump")]
+    try:
+        import triton
+        cand.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in cand if c and Path(c).exists()), None)
+
+
+def sass_by_kernel(obj: Path) -> dict:
+    """{mangled kernel name: SASS text} of an object file."""
+    out = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    kernels, cur = {}, None
+    for line in out.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            kernels[cur] = []
+        elif cur is not None:
+            kernels[cur].append(line)
+    return {k: "\n".join(v) for k, v in kernels.items()}
+
+
+# The FlashAttention-2-style attention kernels (mma_sm80.cuh) and the instructions each must
+# contain; the GPC cell's tensor-core GEMM (operands gathered synchronously) needs HMMA and LDSM.
+MMA_KERNEL = re.compile(r"(fwd|dq|dkdv)_mma_kernel")
+MMA_OPCODES = ("HMMA", "LDSM", "LDGSTS")
+GEMM_MMA_KERNEL = re.compile(r"gemm_mma_kernel")
+GEMM_MMA_OPCODES = ("HMMA", "LDSM")
+
+
 def _compile(unit, arch, tmp):
     src = tmp / f"{unit}.cu"
     if not src.exists():
@@ -115,9 +151,26 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     assert not spilling, f"kernels with spills / stack: {spilling}"
     for arch in ARCHS:
         kernels = {k for k, a in table if a == f"sm_{arch}"}
-        # 3 head-dim buckets x (3 dtypes x (dq, dk/dv, dprefix) + 3 forward) + 3 delta kernels
+        # float32: CUDA-core forward (3 buckets) + backward (3 buckets x dq, dk/dv, dprefix);
+        # the CUDA-core split-K forward + merge for every dtype; delta kernels
         assert len(kernels) >= 39, f"sm_{arch}: only {len(kernels)} kernels compiled"
-        # float16 / bfloat16 backward on tensor cores: 2 dtypes x 3 buckets x (dQ, dK/dV, dprefix)
+        # float16 / bfloat16 backward at D = 256 on WMMA: 2 dtypes x (dQ, dK/dV, dprefix)
         n_tc_bwd = sum("bwd_tc" in names[k] for k in kernels)
-        assert n_tc_bwd == 18, f"sm_{arch}: {n_tc_bwd} tensor-core backward kernels, expected 18"
+        assert n_tc_bwd == 6, f"sm_{arch}: {n_tc_bwd} WMMA backward kernels, expected 6"
         assert all(table[(k, f'sm_{arch}')]["regs"] <= 255 for k in kernels)
+        # mma.sync: forward 2 dtypes x 3 buckets x (per head, packed GQA decode); backward
+        # 2 dtypes x 2 buckets x (dQ, dK/dV, dprefix)
+        n_mma = sum(bool(MMA_KERNEL.search(k)) for k in kernels)
+        assert n_mma == 24, f"sm_{arch}: {n_mma} mma.sync kernels, expected 24"
+        # GPC forward GEMM on mma.sync: 2 dtypes x 4 variants
+        n_gemm = sum(bool(GEMM_MMA_KERNEL.search(k)) for k in kernels)
+        assert n_gemm == 8, f"sm_{arch}: {n_gemm} mma.sync GPC GEMM kernels, expected 8"
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton wheel) for the SASS check")
+    for unit in UNITS:
+        for arch in ARCHS:
+            for kernel, sass in sass_by_kernel(tmp_path / f"{unit}.sm_{arch}.o").items():
+                need = (MMA_OPCODES if MMA_KERNEL.search(kernel)
+                        else GEMM_MMA_OPCODES if GEMM_MMA_KERNEL.search(kernel) else ())
+                missing = [op for op in need if not re.search(rf"\b{op}\b", sass)]
+                assert not missing, f"{names.get(kernel, kernel)} sm_{arch}: SASS lacks {missing}"

@@ -3,11 +3,14 @@ tests/host_harness (one host thread per CUDA thread, barriers for __syncthreads,
 buffer for warp shuffles) and judged against the float64 eager reference with DESIGN.md's rule.
 
 What this proves: indexing and strides, masking and tails, block skipping, the online-softmax
-math, reductions (shuffle lane math), barrier placement logic, dtype conversions. What it cannot:
-timing, the hardware memory model (a race may pass), fast-math ULPs, tensor-core fragment layouts.
+math, reductions (shuffle lane math), barrier placement logic, dtype conversions, and for the
+mma.sync kernels the per-lane fragment layouts and the cp.async pipeline order (emulated by
+tests/host_harness/tensor_core_shim.h, see tests/test_cuda_tensor_core_shim.py). What it cannot:
+timing, the hardware memory model beyond the tracked shared-memory hazards, fast-math ULPs.
 """
 from __future__ import annotations
 
+import ctypes
 import subprocess
 
 import pytest
@@ -131,6 +134,20 @@ def test_split_k_decode(monkeypatch, lib, case, splits):
     check_against_reference(case, torch.float16, backend=NAME, seed=10, grad_for=NO_GRAD)
 
 
+PACKED_DECODE_CASES = [Case(nq=1, nk=600, p=20, hq=8, hkv=1, causal=True),          # MQA, auto split
+                       Case(nq=3, nk=90, p=70, hq=8, hkv=2, window=30, causal=True, bias="heads"),
+                       Case(nq=16, nk=77, p=7, hq=8, hkv=1, padding="left", softcap=4.0)]  # 128 packed rows
+
+
+@pytest.mark.parametrize("splits", [0, 3])
+@pytest.mark.parametrize("case", PACKED_DECODE_CASES, ids=[c.id() for c in PACKED_DECODE_CASES])
+def test_packed_gqa_decode(monkeypatch, lib, case, splits):
+    """Decode on tensor cores: the GQA group's query heads packed into one block's rows (several
+    heads per block, and blocks that split a group), with the launcher's split count (0) or 3."""
+    _register(monkeypatch, lib, force_splits=splits)
+    check_against_reference(case, torch.bfloat16, backend=NAME, seed=12, grad_for=NO_GRAD)
+
+
 def test_lse_gradient(backend):
     """A gradient flowing into the returned lse enters through delta."""
     check_against_reference(Case(nq=19, nk=23, p=7, causal=True, padding="left"), torch.float32,
@@ -242,3 +259,20 @@ def test_gpc_cell_forward_and_backward(backend, variant, shared_state, dtype):
         e_k, e_l = max_err(gk, gx), max_err(gl, gx)
         atol = ATOL[dtype] * max(1.0, gx.abs().max().item())
         assert e_k <= 3 * e_l + atol, f"d{name}: {e_k:.3g} vs eager {e_l:.3g}"
+
+
+@pytest.mark.parametrize("sms", [108, 132])
+def test_prefix_gradient_split_fills_the_gpu(lib, sms):
+    """The prompt-only backward's prefix kernel gets >= 2 blocks per SM at B=8, H=32, N=2048,
+    P=32 (shared prefix) from the device's SM count; small problems are not over-split."""
+    def splits(b, hq, hkv, nq, p, t, mode):
+        blocks = ctypes.c_int64(0)
+        arr = (ctypes.c_int64 * 7)(b, hq, hkv, nq, p, t, mode)
+        s = lib.ptk_prefix_grad_splits(arr, ctypes.c_int(sms), ctypes.byref(blocks))
+        return s, blocks.value
+
+    s, blocks = splits(8, 32, 32, 2048, 32, 1, 1)
+    assert s > 1 and blocks >= 2 * sms
+    assert splits(1, 1, 1, 10, 32, 1, 1)[0] == 1           # one (row, head, query tile) item
+    assert splits(8, 32, 8, 2048, 32, 1, 1)[1] >= 2 * sms   # GQA
+    assert splits(8, 32, 32, 2048, 32, 8, 2)[1] >= 2 * sms  # per-row prefixes (T = B)

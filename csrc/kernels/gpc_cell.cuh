@@ -14,6 +14,8 @@
 //   forward   : a = X W (+ bias, gating epilogue, preact written in float32)
 //   backward  : dX = dA W^T (+ the direct terms), dW = X^T dA, db = 1^T dA
 // Reductions over the batch (dW, db, a shared state's gradient) loop inside a block: no atomics.
+// float16 / bfloat16 forwards run the same epilogue on an mma.sync GEMM (gpc_cell_mma.cuh);
+// gpc_cell_launch.cuh dispatches.
 #pragma once
 
 #include "common.cuh"
@@ -308,26 +310,5 @@ inline void bwd_variant(const GpcParams& p, ptk_stream_t stream) {
 }
 
 }  // namespace gpc
-
-template <typename T>
-inline void launch_gpc_cell_fwd(const GpcParams& p, ptk_stream_t stream) {
-  switch (p.variant) {
-    case kLstm: gpc::fwd_variant<T, kLstm>(p, stream); break;
-    case kCandidate: gpc::fwd_variant<T, kCandidate>(p, stream); break;
-    case kGru: gpc::fwd_variant<T, kGru>(p, stream); break;
-    default: gpc::fwd_variant<T, kReinject>(p, stream); break;
-  }
-}
-
-// Needs p.da (M x G*d), p.gu, p.gs (M x d) float32 scratch; writes the gradients whose pointers are set.
-template <typename T>
-inline void launch_gpc_cell_bwd(const GpcParams& p, ptk_stream_t stream) {
-  switch (p.variant) {
-    case kLstm: gpc::bwd_variant<T, kLstm>(p, stream); break;
-    case kCandidate: gpc::bwd_variant<T, kCandidate>(p, stream); break;
-    case kGru: gpc::bwd_variant<T, kGru>(p, stream); break;
-    default: gpc::bwd_variant<T, kReinject>(p, stream); break;
-  }
-}
 
 }  // namespace ptk

@@ -13,7 +13,9 @@
 //          for a bank), so the batch reduction happens in registers: no atomics, deterministic,
 //          and bank rows nobody uses get exact zeros.
 // Prompt-only backward (q, k, v frozen) launches only kernels 1 and 3-prefix.
-// float16 / bfloat16 run the same kernels with tensor-core products: prefix_attention_bwd_wmma.cuh.
+// These are the float32 kernels. float16 / bfloat16 run the same algorithm on tensor cores:
+// prefix_attention_bwd_mma.cuh (mma.sync, D <= 128) and prefix_attention_bwd_wmma.cuh (D = 256);
+// prefix_attention_launch.cuh chooses.
 // Given the final lse and delta every key segment's backward is independent (no merge backward).
 #pragma once
 
@@ -332,7 +334,3 @@ inline void launch_prefix_attention_bwd_simt(const AttnParams& p, bool need_dq, 
 }
 
 }  // namespace ptk
-
-// The dtype dispatcher launch_prefix_attention_bwd<T> (float16 / bfloat16 -> tensor cores) lives
-// with the WMMA kernels; included here so that including this header gives the whole backward.
-#include "prefix_attention_bwd_wmma.cuh"

@@ -1,3 +1,5 @@
+// Used for head dims above 128 only (the mma.sync backward, prefix_attention_bwd_mma.cuh, holds
+// dK and dV in registers, which does not fit at D = 256).
 // prefix_attention backward on tensor cores (float16 / bfloat16, sm_80+): the FlashAttention-2
 // backward of prefix_attention_bwd.cuh with every matrix product as 16x16x16 WMMA products
 // (nvcuda::wmma), fp32 accumulation. Same kernels, same work split, same reductions (no atomics,
@@ -16,9 +18,6 @@
 #pragma once
 
 #include "prefix_attention_bwd.cuh"
-#include "prefix_attention_fwd_wmma.cuh"  // fwd_tc::stage_rows
-
-#include <type_traits>
 
 #ifndef PTK_HOST_HARNESS
 #include <mma.h>
@@ -117,8 +116,8 @@ __device__ __forceinline__ void dq_key_tile(const AttnParams& p, const KeySegmen
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int dsteps = (p.D + 15) / 16;  // 16-wide slices of the head dim that hold data
   __syncthreads();                     // every warp is done with the previous tile
-  fwd_tc::stage_rows<T, C::BN, DMAX>(sK, C::LDH, seg.k, seg.k_row, seg.k_col, kt, seg.n, p.D, C::THREADS);
-  fwd_tc::stage_rows<T, C::BN, DMAX>(sV, C::LDH, seg.v, seg.v_row, seg.v_col, kt, seg.n, p.D, C::THREADS);
+  stage_rows<T, C::BN, DMAX>(sK, C::LDH, seg.k, seg.k_row, seg.k_col, kt, seg.n, p.D, C::THREADS);
+  stage_rows<T, C::BN, DMAX>(sV, C::LDH, seg.v, seg.v_row, seg.v_col, kt, seg.n, p.D, C::THREADS);
   __syncthreads();
 
   float* s_w = sS + warp * 16 * C::LDS;
@@ -170,8 +169,8 @@ __global__ void __launch_bounds__(DqCfg<T, DMAX>::THREADS, 256 / DqCfg<T, DMAX>:
   const int i1 = i0 + C::BM < p.Nq ? i0 + C::BM : p.Nq;
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* go = static_cast<const T*>(p.grad_out) + b * p.dout_stride[0] + h * p.dout_stride[1];
-  fwd_tc::stage_rows<T, C::BM, DMAX>(sQ, C::LDH, q, p.q_stride[2], p.q_stride[3], i0, p.Nq, p.D, C::THREADS);
-  fwd_tc::stage_rows<T, C::BM, DMAX>(sDO, C::LDH, go, p.dout_stride[2], p.dout_stride[3], i0, p.Nq, p.D, C::THREADS);
+  stage_rows<T, C::BM, DMAX>(sQ, C::LDH, q, p.q_stride[2], p.q_stride[3], i0, p.Nq, p.D, C::THREADS);
+  stage_rows<T, C::BM, DMAX>(sDO, C::LDH, go, p.dout_stride[2], p.dout_stride[3], i0, p.Nq, p.D, C::THREADS);
   for (int idx = threadIdx.x; idx < C::BM * C::LDO; idx += C::THREADS) sDQ[idx] = 0.f;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -216,8 +215,8 @@ __device__ __forceinline__ void kv_query_tile(const AttnParams& p, int it, int b
   __syncthreads();
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* go = static_cast<const T*>(p.grad_out) + b * p.dout_stride[0] + h * p.dout_stride[1];
-  fwd_tc::stage_rows<T, C::BQ, DMAX>(sQ, C::LDH, q, p.q_stride[2], p.q_stride[3], it, p.Nq, p.D, C::THREADS);
-  fwd_tc::stage_rows<T, C::BQ, DMAX>(sDO, C::LDH, go, p.dout_stride[2], p.dout_stride[3], it, p.Nq, p.D, C::THREADS);
+  stage_rows<T, C::BQ, DMAX>(sQ, C::LDH, q, p.q_stride[2], p.q_stride[3], it, p.Nq, p.D, C::THREADS);
+  stage_rows<T, C::BQ, DMAX>(sDO, C::LDH, go, p.dout_stride[2], p.dout_stride[3], it, p.Nq, p.D, C::THREADS);
   for (int x = threadIdx.x; x < C::BQ; x += C::THREADS) {
     const int i = it + x;
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + h) * p.Nq + i;
@@ -283,8 +282,8 @@ __global__ void __launch_bounds__(KvCfg<T, DMAX>::THREADS, 256 / KvCfg<T, DMAX>:
   const int group = p.Hq / p.Hkv;
 
   const KeySegment<T> seg = PREFIX ? prefix_segment<T>(p, t, hk) : sequence_segment<T>(p, b_begin, hk);
-  fwd_tc::stage_rows<T, C::BK, DMAX>(sK, C::LDH, seg.k, seg.k_row, seg.k_col, j0, seg.n, p.D, C::THREADS);
-  fwd_tc::stage_rows<T, C::BK, DMAX>(sV, C::LDH, seg.v, seg.v_row, seg.v_col, j0, seg.n, p.D, C::THREADS);
+  stage_rows<T, C::BK, DMAX>(sK, C::LDH, seg.k, seg.k_row, seg.k_col, j0, seg.n, p.D, C::THREADS);
+  stage_rows<T, C::BK, DMAX>(sV, C::LDH, seg.v, seg.v_row, seg.v_col, j0, seg.n, p.D, C::THREADS);
   for (int idx = threadIdx.x; idx < C::BK * C::LDO; idx += C::THREADS) sDK[idx] = sDV[idx] = 0.f;
 
   int q_lo = 0, q_hi = p.Nq;
@@ -353,16 +352,6 @@ inline void launch_prefix_attention_bwd_wmma(const AttnParams& p, bool need_dq, 
     launch_prefix_attention_bwd_wmma_d<T, 128>(p, need_dq, stream);
   else
     launch_prefix_attention_bwd_wmma_d<T, 256>(p, need_dq, stream);
-}
-
-// The backward dispatcher: float16 / bfloat16 on tensor cores, float32 on CUDA cores (fp32 WMMA
-// would be TF32, less precise than the float32 contract).
-template <typename T>
-inline void launch_prefix_attention_bwd(const AttnParams& p, bool need_dq, ptk_stream_t stream) {
-  if constexpr (std::is_same_v<T, float>)
-    launch_prefix_attention_bwd_simt<T>(p, need_dq, stream);
-  else
-    launch_prefix_attention_bwd_wmma<T>(p, need_dq, stream);
 }
 
 }  // namespace ptk

@@ -186,14 +186,19 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const AttnParams p) {
 
 }  // namespace fwd
 
-// How many key splits a forward call uses: > 1 only for decode-like calls (one query tile) whose
-// (b, h) grid is too small to fill the GPU and whose key count makes splitting worth it.
+// How many key splits a forward call uses: > 1 only for decode-like calls (at most 16 queries)
+// whose grid is too small to fill the device (about 2 blocks per SM of its num_sms) and whose key
+// count makes splitting worth it. `packed_heads`: the grid has one block per (b, kv head) (the
+// tensor-core kernel packs the GQA group's query heads), else one per (b, query head).
 // Each split covers a multiple of the key tile. The caller allocates p.part_out / p.part_lse.
-inline int prefix_attention_decode_splits(const AttnParams& p) {
+inline int prefix_attention_decode_splits(const AttnParams& p, int num_sms, bool packed_heads) {
   const int keys = p.P + p.Nk;
-  const int64_t blocks = static_cast<int64_t>(p.B) * p.Hq;
-  if (p.Nq > fwd::kBM || keys < 512 || blocks >= 132) return 1;
-  int splits = static_cast<int>((264 + blocks - 1) / blocks);  // ~2 blocks per SM on an H100
+  const int group = p.Hkv > 0 ? p.Hq / p.Hkv : 1;
+  const int64_t blocks = packed_heads ? static_cast<int64_t>(p.B) * p.Hkv * ((group * p.Nq + 63) / 64)
+                                      : static_cast<int64_t>(p.B) * p.Hq;
+  const int64_t target = 2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
+  if (p.Nq > fwd::kBM || keys < 512 || blocks == 0 || blocks >= target) return 1;
+  int splits = static_cast<int>((target + blocks - 1) / blocks);
   const int max_by_keys = keys / 128;                         // at least 128 keys per split
   splits = splits < max_by_keys ? splits : max_by_keys;
   return splits < 1 ? 1 : (splits > 64 ? 64 : splits);
@@ -221,7 +226,7 @@ inline void launch_prefix_attention_fwd_d(const AttnParams& p, ptk_stream_t stre
   }
 }
 
-// CUDA-core path (float32 inputs; see prefix_attention_fwd_wmma.cuh for the dispatcher that
+// CUDA-core path (float32 inputs; see prefix_attention_launch.cuh for the dispatcher that
 // sends float16 / bfloat16 to tensor cores). Head-dim buckets 64 / 128 / 256.
 template <typename T>
 inline void launch_prefix_attention_fwd_simt(const AttnParams& p, ptk_stream_t stream) {

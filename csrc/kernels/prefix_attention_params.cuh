@@ -59,6 +59,17 @@ struct AttnParams {
   int num_splits = 1;
   int split_len = 0;
 
+  // set by the tensor-core forward's launcher: q, k, v and the prefix can be staged with 16-byte
+  // copies (see attention_rows_vectorizable)
+  bool vec16 = false;
+
+  // prefix gradient of the tensor-core backward, cut into prefix_splits shares of the batch work
+  // (see prefix_grad_splits); with > 1 share each writes fp32 partials (prefix_splits, T, Hkv, P,
+  // D) into part_dpk / part_dpv, reduced in split order. Allocated by the caller.
+  float* part_dpk = nullptr;
+  float* part_dpv = nullptr;
+  int prefix_splits = 1;
+
   int B = 0, Hq = 0, Hkv = 0, Nq = 0, Nk = 0, P = 0, D = 0, T = 0;
   int prefix_mode = 0;
   bool causal = false;

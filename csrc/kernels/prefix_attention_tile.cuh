@@ -86,6 +86,19 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const T* src, int6
   }
 }
 
+// rows [row0, row0 + ROWS) of a strided (n, D) matrix -> dst[ROWS][ld] in the storage dtype,
+// zero-filled past n and past D (so products over the padded head dim are exact). Synchronous
+// staging of the WMMA backward.
+template <typename T, int ROWS, int DMAX>
+__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* src, int64_t s_row, int64_t s_col, int row0, int n,
+                                           int D, int nthreads) {
+  for (int idx = threadIdx.x; idx < ROWS * DMAX; idx += nthreads) {
+    const int r = idx / DMAX, c = idx % DMAX;
+    const int row = row0 + r;
+    dst[r * ld + c] = (row < n && c < D) ? src[row * s_row + c * s_col] : from_float<T>(0.f);
+  }
+}
+
 // Scaled, soft-capped, biased score and the raw scaled dot product (the softcap backward needs it).
 __device__ __forceinline__ float dot_rows(const float* a, const float* b, int D) {
   float acc = 0.f;

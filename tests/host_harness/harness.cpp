@@ -8,16 +8,23 @@
 //            prefix_v out grad_out attn_bias (4 each) and key_padding_mask (2)
 //   floats : softcap scale
 // dtype: 0 float32, 1 float16, 2 bfloat16.
-#include "gpc_cell.cuh"
-#include "prefix_attention_bwd.cuh"
-#include "prefix_attention_fwd_wmma.cuh"
+#include "gpc_cell_launch.cuh"
+#include "prefix_attention_launch.cuh"
 
 #include <cmath>
 #include <exception>
 #include <vector>
 #include <cstdio>
+#include <cstring>
+#include <string>
 
 namespace {
+
+// The message of the last failed call (a hazard found by the tensor-core shim, a bad argument).
+std::string& last_error() {
+  static std::string msg;
+  return msg;
+}
 
 ptk::AttnParams unpack(const void* const* ptrs, const int64_t* ints, const double* floats) {
   ptk::AttnParams p;
@@ -69,7 +76,7 @@ int dispatch(int dtype, const ptk::AttnParams& p, Extra... extra) {
     else if (dtype == 2) Fn<__nv_bfloat16>::run(p, extra...);
     else return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "harness: %s\n", e.what());
+    last_error() = e.what();
     return 1;
   }
   return 0;
@@ -80,7 +87,8 @@ template <typename T>
 struct Fwd {
   static void run(const ptk::AttnParams& p_in, int force_splits) {
     ptk::AttnParams p = p_in;
-    p.num_splits = force_splits > 0 ? force_splits : ptk::prefix_attention_decode_splits(p);
+    p.num_splits = force_splits > 0 ? force_splits
+                                    : ptk::prefix_attention_decode_splits(p, 132, !std::is_same_v<T, float>);
     std::vector<float> part_out, part_lse;
     if (p.num_splits > 1) {
       p.split_len = ptk::prefix_attention_split_len(p, p.num_splits);
@@ -94,9 +102,24 @@ struct Fwd {
   }
 };
 
+// The launcher's prefix-gradient split, with host scratch. The split count is computed for a
+// 16-SM device: the test shapes are small, so this still gives several shares per prefix block
+// (the 132-SM count of an H100 would give one block per work item and only slow the emulation;
+// test_prefix_gradient_split_fills_the_gpu checks the heuristic at real SM counts).
 template <typename T>
 struct Bwd {
-  static void run(const ptk::AttnParams& p, bool need_dq) { ptk::launch_prefix_attention_bwd<T>(p, need_dq, nullptr); }
+  static void run(const ptk::AttnParams& p_in, bool need_dq) {
+    ptk::AttnParams p = p_in;
+    p.prefix_splits = ptk::prefix_grad_splits(p, 16);
+    std::vector<float> part_k, part_v;
+    if (p.prefix_splits > 1) {
+      part_k.assign(ptk::prefix_grad_workspace(p), std::nanf(""));  // poisoned: every share writes its part
+      part_v.assign(ptk::prefix_grad_workspace(p), std::nanf(""));
+      p.part_dpk = part_k.data();
+      p.part_dpv = part_v.data();
+    }
+    ptk::launch_prefix_attention_bwd<T>(p, need_dq, nullptr);
+  }
 };
 
 }  // namespace
@@ -161,7 +184,7 @@ int dispatch_gpc(int dtype, const ptk::GpcParams& p) {
     else if (dtype == 2) Fn<__nv_bfloat16>::run(p);
     else return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "harness: %s\n", e.what());
+    last_error() = e.what();
     return 1;
   }
   return 0;
@@ -174,4 +197,116 @@ extern "C" int ptk_gpc_fwd(int dtype, const void* const* ptrs, const int64_t* in
 
 extern "C" int ptk_gpc_bwd(int dtype, const void* const* ptrs, const int64_t* ints) {
   return dispatch_gpc<GpcBwd>(dtype, unpack_gpc(ptrs, ints));
+}
+
+extern "C" const char* ptk_last_error() { return last_error().c_str(); }
+
+// ---- self-test of the tensor-core shim's fragment layouts (tests/test_cuda_tensor_core_shim.py) ----
+// One warp. mode 0: D = A B + C for one m16n8k16 tile, with the fragments built HERE by direct
+// indexing from the PTX ISA's layout table (not by ldmatrix): in = A (16x16) then B (16x8, K x N),
+// row-major 16-bit; out_f = C (16x8 fp32) on entry, D on return. Modes 1..6: ldmatrix .x1 / .x2 /
+// .x4, then the same with .trans, on a 32x8 16-bit matrix whose row l is supplied by lane l;
+// out_u[lane * 4 + i] = the lane's register i.
+namespace {
+template <typename T>
+__global__ void tc_selftest_kernel(int mode, const uint16_t* in, float* out_f, uint32_t* out_u) {
+  PTK_DYNAMIC_SMEM(uint16_t, sm);
+  const int l = threadIdx.x, g = l / 4, t = l % 4;
+  if (mode == 0) {
+    auto A = [&](int r, int c) { return static_cast<uint32_t>(in[r * 16 + c]); };
+    auto B = [&](int k, int n) { return static_cast<uint32_t>(in[256 + k * 8 + n]); };
+    const uint32_t a[4] = {A(g, 2 * t) | A(g, 2 * t + 1) << 16, A(g + 8, 2 * t) | A(g + 8, 2 * t + 1) << 16,
+                           A(g, 2 * t + 8) | A(g, 2 * t + 9) << 16, A(g + 8, 2 * t + 8) | A(g + 8, 2 * t + 9) << 16};
+    const uint32_t b[2] = {B(2 * t, g) | B(2 * t + 1, g) << 16, B(2 * t + 8, g) | B(2 * t + 9, g) << 16};
+    float d[4];
+    for (int i = 0; i < 4; ++i) d[i] = out_f[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+    ptk::tc::mma_16816<T>(d, a, b);
+    for (int i = 0; i < 4; ++i) out_f[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+    return;
+  }
+  for (int c = 0; c < 8; ++c) sm[l * 8 + c] = in[l * 8 + c];
+  __syncthreads();
+  uint32_t r[4] = {0, 0, 0, 0};
+  const uint16_t* row = sm + l * 8;
+  switch (mode) {
+    case 1: { uint32_t x[1]; ptk::tc::ldmatrix_x1(x, row); r[0] = x[0]; break; }
+    case 2: { uint32_t x[2]; ptk::tc::ldmatrix_x2(x, row); r[0] = x[0]; r[1] = x[1]; break; }
+    case 3: ptk::tc::ldmatrix_x4(r, row); break;
+    case 4: { uint32_t x[1]; ptk::tc::ldmatrix_x1_trans(x, row); r[0] = x[0]; break; }
+    case 5: { uint32_t x[2]; ptk::tc::ldmatrix_x2_trans(x, row); r[0] = x[0]; r[1] = x[1]; break; }
+    case 6: ptk::tc::ldmatrix_x4_trans(r, row); break;
+  }
+  for (int i = 0; i < 4; ++i) out_u[l * 4 + i] = r[i];
+}
+}  // namespace
+
+extern "C" int ptk_tc_selftest(int dtype, int mode, const void* in, float* out_f, uint32_t* out_u) {
+  try {
+    const auto* src = static_cast<const uint16_t*>(in);
+    if (dtype == 1)
+      PTK_LAUNCH(tc_selftest_kernel<__half>, dim3(1), dim3(32), 32 * 8 * 2, nullptr, mode, src, out_f, out_u);
+    else
+      PTK_LAUNCH(tc_selftest_kernel<__nv_bfloat16>, dim3(1), dim3(32), 32 * 8 * 2, nullptr, mode, src, out_f, out_u);
+  } catch (const std::exception& e) {
+    last_error() = e.what();
+    return 1;
+  }
+  return 0;
+}
+
+// The prefix-gradient split heuristic and the grid it gives: ints = B Hq Hkv Nq P T prefix_mode;
+// returns splits, writes the prefix kernel's block count to *blocks.
+extern "C" int ptk_prefix_grad_splits(const int64_t* ints, int num_sms, int64_t* blocks) {
+  ptk::AttnParams p;
+  p.B = ints[0];
+  p.Hq = ints[1];
+  p.Hkv = ints[2];
+  p.Nq = ints[3];
+  p.P = ints[4];
+  p.T = ints[5];
+  p.prefix_mode = ints[6];
+  const int s = ptk::prefix_grad_splits(p, num_sms);
+  *blocks = static_cast<int64_t>((p.P + 63) / 64) * p.Hkv * p.T * s;
+  return s;
+}
+
+// Launch geometry of the attention kernels for the static kernel report
+// (benchmarks/cuda_kernel_report.py): one line per (kernel, dtype bytes, head-dim bucket):
+// "<kernel name fragment> <DMAX> <elem bytes> <threads> <dynamic smem bytes>".
+namespace {
+template <typename T, int DMAX>
+void kernel_config_lines(std::string& s) {
+  auto add = [&](const char* name, int threads, size_t smem) {
+    s += std::string(name) + " " + std::to_string(DMAX) + " " + std::to_string(sizeof(T)) + " " +
+         std::to_string(threads) + " " + std::to_string(smem) + "\n";
+  };
+  if constexpr (sizeof(T) == 2) {
+    using F = ptk::fwd_mma::Cfg<T, DMAX>;
+    add("prefix_attention_fwd_mma_kernel", F::THREADS, F::smem_bytes);
+    if constexpr (DMAX <= 128) {
+      using B = ptk::bwd_mma::Cfg<T, DMAX>;
+      add("dq_mma_kernel", B::THREADS, B::dq_bytes);
+      add("dkdv_mma_kernel", B::THREADS, B::kv_bytes);
+    } else {
+      add("dq_wmma_kernel", ptk::bwd_tc::DqCfg<T, DMAX>::THREADS, ptk::bwd_tc::DqCfg<T, DMAX>::smem_bytes);
+      add("dkdv_wmma_kernel", ptk::bwd_tc::KvCfg<T, DMAX>::THREADS, ptk::bwd_tc::KvCfg<T, DMAX>::smem_bytes);
+    }
+  }
+  add("prefix_attention_fwd_kernel", ptk::fwd::kThreads, ptk::fwd::Tiles<DMAX>::smem_bytes);
+  add("bwd::dq_kernel", ptk::bwd::kThreads, ptk::bwd::Tiles<DMAX>::dq_smem_bytes);
+  add("bwd::dkdv_kernel", ptk::bwd::kThreads, ptk::bwd::Tiles<DMAX>::kv_smem_bytes);
+}
+}  // namespace
+
+extern "C" int ptk_kernel_configs(char* buf, int cap) {
+  std::string s;
+  kernel_config_lines<float, 64>(s);
+  kernel_config_lines<float, 128>(s);
+  kernel_config_lines<float, 256>(s);
+  kernel_config_lines<__half, 64>(s);
+  kernel_config_lines<__half, 128>(s);
+  kernel_config_lines<__half, 256>(s);
+  if (static_cast<int>(s.size()) + 1 > cap) return -static_cast<int>(s.size() + 1);
+  std::memcpy(buf, s.c_str(), s.size() + 1);
+  return static_cast<int>(s.size());
 }

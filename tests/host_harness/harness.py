@@ -76,6 +76,12 @@ class HarnessBackend:
     def is_available(self, op, device):
         return device.type == "cpu", "host harness (CPU tensors only)"
 
+    def _check(self, rc):
+        if rc != 0:
+            self.lib.ptk_last_error.restype = ctypes.c_char_p
+            msg = self.lib.ptk_last_error().decode()
+            raise RuntimeError(f"host harness call failed with code {rc}: {msg}")
+
     # ---- prefix attention ----
     def _call(self, fn, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
               causal, window, softcap, scale, out=None, lse=None, grad_out=None, grad_lse=None,
@@ -97,8 +103,7 @@ class HarnessBackend:
         int_arr = (ctypes.c_int64 * len(ints))(*ints)
         flt_arr = (ctypes.c_double * 2)(float(softcap), float(scale))
         rc = fn(ctypes.c_int(DTYPES[q.dtype]), ptr_arr, int_arr, flt_arr, *extra)
-        if rc != 0:
-            raise RuntimeError(f"host harness call failed with code {rc}")
+        self._check(rc)
 
     @staticmethod
     def _norm(key_padding_mask, attn_bias, prefix_index):
@@ -169,8 +174,7 @@ class HarnessBackend:
         ptr_arr = (ctypes.c_void_p * len(ptrs))(*[None if x is None else x.data_ptr() for x in ptrs])
         int_arr = (ctypes.c_int64 * len(ints))(*ints)
         rc = fn(ctypes.c_int(DTYPES[update.dtype]), ptr_arr, int_arr)
-        if rc != 0:
-            raise RuntimeError(f"host harness call failed with code {rc}")
+        self._check(rc)
 
     def gpc_cell_fwd(self, update, state, weight, bias, variant):
         g = self.GATES[variant]

@@ -20,6 +20,9 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -27,14 +30,41 @@
 
 namespace ptk_shim {
 
+// Shared-memory hazard tracking for the tensor-core shim (tensor_core_shim.h), per 16-byte chunk
+// touched by ldmatrix / cp.async / st_shared_16. Time is counted in barrier epochs (one per
+// __syncthreads), so a hazard is found whatever order the host threads happen to run in:
+//   - a read of a chunk whose cp.async has not been waited for (missing cp.async.wait_group);
+//   - a read in the same epoch as the chunk's copy landed (missing __syncthreads after the wait);
+//   - a write into a chunk another warp read in the same epoch (missing barrier before a stage's
+//     buffer is reused).
+struct ChunkState {
+  int pending = 0;                      // copies issued, not yet landed
+  uint64_t issue_epoch = ~uint64_t{0};  // epoch and warp of the last issue
+  int issuer_warp = -1;
+  uint64_t land_epoch = ~uint64_t{0};   // epoch of the last landing
+  uint64_t read_epoch = ~uint64_t{0};   // epoch of the last read
+  int reader_warp = -1;                 // warp that read it in read_epoch (-2: several)
+};
+
+struct EpochTick {
+  std::atomic<uint64_t>* epoch;
+  void operator()() noexcept { epoch->fetch_add(1, std::memory_order_relaxed); }
+};
+
 struct Team {
   dim3 block;
   dim3 grid;
-  std::unique_ptr<std::barrier<>> block_barrier;
+  std::atomic<uint64_t> epoch{0};
+  std::unique_ptr<std::barrier<EpochTick>> block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
   std::vector<uint64_t> exchange;  // one slot per thread, read by the other lanes of its warp
+  std::vector<uint32_t> wide;      // kWide words per thread (fragment exchange of the tensor-core shim)
   std::vector<unsigned char> dynamic_smem;
+  std::mutex mu;                   // guards chunks and error
+  std::unordered_map<uintptr_t, ChunkState> chunks;
+  std::string error;               // the first hazard found; launch() throws it
 };
+constexpr unsigned kWide = 8;
 
 inline Team*& current_team() {
   static Team* team = nullptr;
@@ -71,6 +101,21 @@ T shuffle(T value, unsigned src_lane) {
 
 inline unsigned lane() { return tl_linear & 31; }
 
+inline void report(const std::string& what) {
+  Team* team = current_team();
+  std::lock_guard<std::mutex> lock(team->mu);
+  if (team->error.empty()) team->error = what;
+}
+
+// cp.async state of the calling thread: the open (uncommitted) group and the committed groups,
+// oldest first. Each copy carries the 16 bytes it will write (snapshot of the source at issue).
+struct AsyncCopy {
+  void* dst;
+  unsigned char data[16];
+};
+inline thread_local std::vector<AsyncCopy> tl_open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> tl_groups;
+
 // Launch: `block` threads, each walks the whole grid in order; a block barrier separates blocks so
 // static __shared__ storage is reused safely.
 template <typename Kernel, typename... Args>
@@ -80,9 +125,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem, Args... a
   team.grid = grid;
   unsigned n = block_threads(team);
   if (n == 0 || n % 32 != 0) throw std::invalid_argument("simt_shim: block size must be a multiple of 32");
-  team.block_barrier = std::make_unique<std::barrier<>>(n);
+  team.block_barrier = std::make_unique<std::barrier<EpochTick>>(n, EpochTick{&team.epoch});
   for (unsigned w = 0; w < n / 32; ++w) team.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
   team.exchange.assign(n, 0);
+  team.wide.assign(static_cast<size_t>(n) * kWide, 0);
   team.dynamic_smem.assign(dynamic_smem + 16, 0);
   current_team() = &team;
   std::vector<std::thread> threads;
@@ -95,13 +141,18 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem, Args... a
         for (unsigned y = 0; y < grid.y; ++y)
           for (unsigned x = 0; x < grid.x; ++x) {
             tl_block_idx = uint3{x, y, z};
+            tl_open_group.clear();
+            tl_groups.clear();
             kernel(args...);
+            team.block_barrier->arrive_and_wait();
+            if (t == 0) team.chunks.clear();  // the next block starts with fresh shared memory
             team.block_barrier->arrive_and_wait();
           }
     });
   }
   for (auto& th : threads) th.join();
   current_team() = nullptr;
+  if (!team.error.empty()) throw std::runtime_error(team.error);
 }
 
 inline unsigned char* dynamic_smem() { return current_team()->dynamic_smem.data(); }
