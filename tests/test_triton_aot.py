@@ -7,8 +7,8 @@ processes (no GPU, TRITON_INTERPRET unset there; sm_86 variants equal to sm_80 o
 from the sm_80 compile), and asserts: zero register spills, shared memory within the arch limit
 (sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB), tensor-core instructions in kernels with matrix
 products, cp.async / TMA in pipelined (num_stages > 1) loops, at least one resident block per SM.
-The table is printed (``pytest -s`` shows it). About 8 minutes on 2 cores (most of the suite's
-Triton compile time); the other tests here take a second.
+The table is printed (``pytest -s`` shows it). About 5 minutes on 2 cores (235 compiles, most of
+the suite's Triton compile time); the other tests here take a second.
 
 It also checks the committed static kernel report (``benchmarks/kernel_report.py``): it covers
 every shipped bf16 configuration at head dim 64 / 128 and none of its rows has a problem.
