@@ -11,10 +11,14 @@ Providers (each computes causal attention of N queries over P prefix keys + N se
 * ``flex``: FlexAttention (compiled on GPU) with a prefix ``mask_mod`` on the concatenation.
 * ``flash_attn``: ``flash_attn_func(causal=True)`` on the concatenation (bottom-right), if installed.
 
+* ``triton_prompt_only``: ``ptkernels.prefix_attention`` with q, k, v frozen (only the prefix
+  requires grad): its backward runs the prompt-only kernels.
+
 Modes: ``fwd``, ``bwd`` (backward only, from a retained graph), ``fwd+bwd``. Timing: median of
-``triton.testing.do_bench`` on GPU. TFLOP/s = F / t with F_fwd = 4 * B * H * D * (N * P + causal
-pairs), causal pairs = N (N + 1) / 2 for Nq = Nk (count only unmasked scores), F_bwd = 2.5 F_fwd,
-F_fwd+bwd = 3.5 F_fwd.
+``triton.testing.do_bench`` on GPU. Work and traffic per call are exact (``attention_cost.py``:
+matrix-product FLOPs of the visible (query, key) pairs, 2 products per pair forward, 7 backward,
+4 for the prompt-only backward; compulsory HBM bytes); the table reports TFLOP/s and GB/s and,
+on a GPU with a known data sheet, both as a percentage of the device peak.
 
 ``--cpu-smoke`` runs everything on CPU on a tiny shape, with the Triton kernels in the interpreter
 (TRITON_INTERPRET=1), timing with ``time.perf_counter`` (median of a few runs), and writes
@@ -34,16 +38,21 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from attention_cost import Shape, cost, device_peak, prompt_only_saving  # noqa: E402
 
 
-def causal_pairs(nq: int, nk: int) -> int:
-    """Unmasked (query, sequence key) pairs of bottom-right causal attention."""
-    return sum(max(0, min(nk, i + nk - nq + 1)) for i in range(nq))
-
-
-def flops(b, h, d, nq, nk, p, mode):
-    fwd = 4 * b * h * d * (nq * p + causal_pairs(nq, nk))
-    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+def call_cost(b, h, d, n, p, name, mode, elem_bytes):
+    """Exact useful FLOPs and compulsory bytes of one timed call of ``name`` in ``mode``."""
+    shape = Shape(b, h, h, n, n, p, d, causal=True, elem_bytes=elem_bytes)
+    if name == "triton_prompt_only" and mode != "fwd":
+        c_b = cost(shape, "bwd_prompt")
+        if mode == "bwd":
+            return c_b
+        c_f = cost(shape, "fwd")
+        return {k: c_f[k] + c_b[k] for k in c_f}
+    return cost(shape, mode)
 
 
 def make_providers(torch, b, h, n, p, d, dtype, device, cpu):
@@ -65,6 +74,10 @@ def make_providers(torch, b, h, n, p, d, dtype, device, cpu):
         if ok:
             providers[name] = (lambda name=name: ptkernels.prefix_attention(
                 q, k, v, pk, pv, causal=True, backend=name), True)
+            if name == "triton":
+                qf, kf, vf = q.detach(), k.detach(), v.detach()
+                providers["triton_prompt_only"] = (lambda: ptkernels.prefix_attention(
+                    qf, kf, vf, pk, pv, causal=True, backend="triton"), True)
         elif name == "triton":
             try:  # forward kernels alone (the backward may not exist yet)
                 from ptkernels.backends.triton import _common
@@ -218,17 +231,31 @@ def render(rows, dtype, device, args) -> str:
         lines += [f"# prefix attention microbenchmark: {torch.cuda.get_device_name()}", "",
                   f"Run: `python benchmarks/bench_attention.py` ({when}); torch {torch.__version__}, "
                   f"{str(dtype).replace('torch.', '')}, causal, `triton.testing.do_bench` median.", ""]
-    lines += ["TFLOP/s counts 4 * B * H * D * (N * P + N (N + 1) / 2) per forward (unmasked scores "
-              "only), 2.5x for the backward, 3.5x for forward+backward.", "",
-              "| B | H | N | P | D | provider | mode | ms | TFLOP/s | note |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    peak = None if args.cpu_smoke else device_peak(torch.cuda.get_device_name())
+    elem = torch.tensor([], dtype=dtype).element_size()
+    lines += ["GFLOP and MB per call are exact (`benchmarks/attention_cost.py`): matrix-product "
+              "FLOPs of the visible (query, key) pairs (forward 4 D per pair, backward 14 D, "
+              "prompt-only backward 8 D per prefix pair) and the compulsory HBM traffic. "
+              + (f"Peaks: {peak[0]:g} TFLOP/s, {peak[1]:g} GB/s (data sheet)." if peak else
+                 "No device peak known here: no percentages."), ""]
+    for b, h, n, p, d in sorted({r[:5] for r in rows}):
+        lines.append(f"- B={b} H={h} N={n} P={p} D={d}: "
+                     + prompt_only_saving(Shape(b, h, h, n, n, p, d, elem_bytes=elem)))
+    lines += ["", "| B | H | N | P | D | provider | mode | ms | GFLOP | MB | TFLOP/s | GB/s | "
+              "% peak FLOP | % peak BW | note |", "|" + "---|" * 15]
     for b, h, n, p, d, name, mode, ms, note in rows:
+        c = call_cost(b, h, d, n, p, name, mode, elem)
+        head = (f"| {b} | {h} | {n} | {p} | {d} | {name} | {mode} | "
+                f"{'-' if ms is None else f'{ms:.3f}'} | {c['useful'] / 1e9:.4g} | "
+                f"{c['bytes'] / 1e6:.4g} |")
         if ms is None:
-            lines.append(f"| {b} | {h} | {n} | {p} | {d} | {name} | {mode} | - | - | {note} |")
-        else:
-            tf = flops(b, h, d, n, n, p, mode) / (ms * 1e-3) / 1e12
-            lines.append(f"| {b} | {h} | {n} | {p} | {d} | {name} | {mode} | {ms:.3f} | "
-                         f"{tf:.4g} | {note} |")
+            lines.append(f"{head} - | - | - | - | {note} |")
+            continue
+        tf = c["useful"] / (ms * 1e-3) / 1e12
+        gbs = c["bytes"] / (ms * 1e-3) / 1e9
+        pf = f"{100 * tf / peak[0]:.1f}" if peak else "-"
+        pb = f"{100 * gbs / peak[1]:.1f}" if peak else "-"
+        lines.append(f"{head} {tf:.4g} | {gbs:.4g} | {pf} | {pb} | {note} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,17 +1,29 @@
-"""Every Triton kernel configuration compiles ahead of time for sm_80 and sm_90, without spills.
+"""Every Triton kernel configuration compiles ahead of time for sm_80, sm_86 and sm_90 as the JIT
+specializes it, without spills, within each architecture's shared memory, with asynchronous loads.
 
 Discovers each module of ``ptkernels.backends.triton`` that exposes ``AOT_SPECS`` (format in
-``tests/triton_aot.py``), compiles every variant for both archs in 2 worker processes (no GPU,
-TRITON_INTERPRET unset there), and asserts: zero register spills, shared memory within the arch
-limit (sm_80 163 KB, sm_90 227 KB), tensor-core instructions in kernels with matrix products. The
-table (kernel, arch, variant, config, regs, smem, spills) is printed (``pytest -s`` shows it).
+``tests/triton_aot.py``), compiles every variant for each architecture's table in 2 worker
+processes (no GPU, TRITON_INTERPRET unset there; sm_86 variants equal to sm_80 ones are checked
+from the sm_80 compile), and asserts: zero register spills, shared memory within the arch limit
+(sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB), tensor-core instructions in kernels with matrix
+products, cp.async / TMA in pipelined (num_stages > 1) loops, at least one resident block per SM.
+The table is printed (``pytest -s`` shows it). About 5 minutes on 2 cores (235 compiles, most of
+the suite's Triton compile time); the other tests here take a second.
+
+It also checks the committed static kernel report (``benchmarks/kernel_report.py``): it covers
+every shipped bf16 configuration at head dim 64 / 128 and none of its rows has a problem.
 """
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 
 from tests import triton_aot
 from ptkernels.backends.triton import configs
+
+REPORT = os.path.join(triton_aot.ROOT, "benchmarks", "results", "triton_kernel_report.json")
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +39,19 @@ def results(modules):
 
 
 def test_discovery_finds_the_forward_kernels(modules):
-    for name in ("attention_fwd", "decode", "dropout"):
+    for name in ("attention_fwd", "decode", "dropout", "attention_bwd"):
         assert f"{triton_aot.PACKAGE}.{name}" in modules
 
 
 @pytest.mark.parametrize("kernel_kind", ["fwd", "decode"])
 @pytest.mark.parametrize("arch", configs.ARCHS)
-def test_specs_cover_every_autotune_candidate(kernel_kind, arch):
+def test_specs_cover_every_candidate(kernel_kind, arch):
     from ptkernels.backends.triton import attention_fwd, decode
 
     spec = (attention_fwd if kernel_kind == "fwd" else decode).AOT_SPECS[0]
     compiled = {(v["dtype"], v["block_d"], v["config"], v["heavy"]) for v in spec["variants"](arch)}
+    for v in spec["variants"](arch):
+        assert v["constexprs"]["D"] == v["block_d"], "the head dim must be specialized as at runtime"
     for dtype in configs.DTYPES:
         for bd in configs.HEAD_DIM_BUCKETS:
             for heavy in (False, True):
@@ -48,12 +62,56 @@ def test_specs_cover_every_autotune_candidate(kernel_kind, arch):
                         f"{kernel_kind} sm_{arch}: {key} (heavy={heavy}) is never compiled"
 
 
-def test_no_spills_smem_within_limits_tensor_cores(results):
+def test_table_arch():
+    assert [configs.table_arch(a) for a in (80, 86, 87, 89, 90, 100)] == [80, 86, 86, 86, 90, 90]
+
+
+def _row(**kw):
+    row = {"kernel": "k", "arch": 86, "label": "l", "config": "c", "regs": 128, "stack": 0,
+           "spill_stores": 0, "spill_loads": 0, "smem": 64 * 1024, "mma": "mma",
+           "tensor_cores": True, "async": "cp.async", "async_required": True, "blocks_per_sm": 1}
+    row.update(kw)
+    return row
+
+
+def test_check_fails_on_spills_smem_and_lost_async_loads():
+    """The checks below can fail: each planted defect is reported."""
+    assert triton_aot.check(_row()) == []
+    assert "spills" in triton_aot.check(_row(spill_stores=8, stack=8))[0]
+    assert "shared memory" in triton_aot.check(_row(smem=100 * 1024))[0]  # > 99 KB on sm_86
+    assert triton_aot.check(_row(smem=100 * 1024, arch=80)) == []          # fits sm_80
+    assert "asynchronous" in triton_aot.check(_row(**{"async": None}))[0]
+    assert "tensor-core" in triton_aot.check(_row(mma=None))[0]
+    assert triton_aot.blocks_per_sm(80, 255, 8, 98304) == 1
+    assert triton_aot.blocks_per_sm(90, 128, 4, 0) == 4
+
+
+def test_no_spills_smem_within_limits_tensor_cores_async_loads(results):
     assert results, "no AOT variants found"
     problems = [f"{r['kernel']} sm_{r['arch']} {r['label']} {r['config']}: {p}"
                 for r in results for p in triton_aot.check(r)]
     assert not problems, "\n".join(problems)
     archs = {r["arch"] for r in results}
-    assert archs == {80, 90}
+    assert archs == set(triton_aot.ARCHS)
     assert any(r["mma"] == "wgmma" for r in results if r["arch"] == 90), \
         "no sm_90 kernel uses wgmma"
+
+
+def test_committed_kernel_report_covers_every_shipped_config():
+    """benchmarks/results/triton_kernel_report.json lists every shipped bf16 d64 / d128
+    attention configuration for each architecture, and none of its rows has a problem
+    (regenerate it with ``python benchmarks/kernel_report.py`` after editing a table)."""
+    import importlib
+
+    with open(REPORT) as f:
+        rows = json.load(f)
+    have = {(r["kernel"], r["arch"], r["label"], r["config"]) for r in rows}
+    for r in rows:
+        assert not triton_aot.check(r), (r, triton_aot.check(r))
+    for mod in ("attention_fwd", "decode", "attention_bwd"):
+        for spec in importlib.import_module(f"{triton_aot.PACKAGE}.{mod}").AOT_SPECS:
+            for arch in triton_aot.ARCHS:
+                for v in spec["variants"](arch):
+                    if v["label"].startswith(("bf16 d64 ", "bf16 d128 ")):
+                        key = (spec["name"], arch, v["label"], v["config"])
+                        assert key in have, f"{key} missing from the kernel report: regenerate it"

@@ -302,25 +302,32 @@ def test_nothing_to_differentiate():
     assert dk.shape == (2, 2, 0, 32) and not torch.isnan(dq).any() and not torch.isnan(dpk).any()
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 86, 90])
 def test_aot_specs_cover_every_candidate(arch):
     """tests/test_triton_aot.py compiles AOT_SPECS: every configuration the backward may pick
-    must be among them (with the heaviest feature set)."""
+    must be among them, with the heaviest feature set of its table (light: no bias, softcap,
+    dropout) and the head dim specialized as at runtime."""
     from ptkernels.backends.triton import configs
     from ptkernels.backends.triton._common import SIG_DTYPE
 
     specs = {s["name"].removeprefix("attention_bwd_"): s for s in tbwd.AOT_SPECS}
     assert set(specs) == {"preprocess", "dq", "dkdv", "dprefix"}
     for kernel in ("dq", "dkdv", "dprefix"):
-        compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"])
+        compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"], v["heavy"])
                     for v in specs[kernel]["variants"](arch)}
         for v in specs[kernel]["variants"](arch):
-            assert v["constexprs"]["DROPOUT"] and v["constexprs"]["SOFTCAP"] and v["constexprs"]["HAS_BIAS"]
+            cx = v["constexprs"]
+            heavy = cx["HAS_DROPOUT"] and cx["HAS_SOFTCAP"] and cx["HAS_BIAS"]
+            assert heavy == v["heavy"] and cx["D"] == cx["BLOCK_D"]
+            # every mask / prefix feature the kernel has is on
+            assert cx.get("PREFIX_MODE", 3) == 3
+            assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_WINDOW", "HAS_KPM"))
         for dtype in configs.DTYPES:
             for bd in configs.HEAD_DIM_BUCKETS:
-                for cfg in tbwd.candidates(kernel, arch, dtype, bd):
-                    key = (SIG_DTYPE[dtype], f"d{bd}", str(cfg))
-                    assert key in compiled, f"{kernel} sm_{arch}: {key} is never compiled"
+                for heavy in (True, False):
+                    for cfg in tbwd.candidates(kernel, arch, dtype, bd, heavy):
+                        key = (SIG_DTYPE[dtype], f"d{bd}", str(cfg), heavy or dtype == torch.float32)
+                        assert key in compiled, f"{kernel} sm_{arch}: {key} is never compiled"
 
 
 # ----------------------------------------------------------------------------------------------

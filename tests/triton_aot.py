@@ -8,7 +8,16 @@ target=GPUTarget("cuda", arch, 32))`` (no driver needed) and measures it:
 * register spills from the bundled ``ptxas -v`` run on the PTX (``N bytes spill stores, M bytes
   spill loads``; Triton's ``metadata.n_spills`` is only filled when a GPU loads the cubin);
 * shared memory from ``metadata.shared`` (the dynamic smem Triton requests);
-* tensor-core use: ``mma`` (sm_80 ``mma.sync``) or ``wgmma`` (sm_90) in the PTX.
+* tensor-core use: ``mma`` (sm_80 ``mma.sync``) or ``wgmma`` (sm_90) in the PTX;
+* asynchronous global->shared loads: ``cp.async`` (Ampere-style) or ``cp.async.bulk`` (TMA) in the
+  PTX (what the software pipeline of a ``num_stages > 1`` loop emits);
+* blocks per SM (occupancy) from registers, warps and shared memory (``blocks_per_sm``).
+
+Architectures: sm_80 (A100), sm_86 (A10 / RTX 30, also sm_89 L4 / L40S / RTX 40: the same 99 KB
+of shared memory per block) and sm_90 (H100). ``configs.table_arch`` maps each to its table; a
+variant of the sm_86 table that the sm_80 table also holds (same kernel, label, config) is not
+compiled twice: its sm_80 result is checked against the sm_86 limits too (Triton emits the same
+code for both; only the limits differ).
 
 Compiles must not run under the interpreter: ``run_jobs`` starts worker processes of this file
 with ``TRITON_INTERPRET`` removed from the environment (and a throwaway Triton cache dir, so
@@ -35,7 +44,8 @@ and each variant dict (one compile) has:
      "div16": ["Q", "sqb", ...],         # parameters the JIT would see 16-divisible (pointers,
                                          # most strides): they get tt.divisibility=16 as in JIT
      "num_warps": 8, "num_stages": 3,
-     "tensor_cores": True}               # require mma/wgmma in the PTX (kernels with tl.dot)
+     "tensor_cores": True,               # require mma/wgmma in the PTX (kernels with tl.dot)
+     "async_loads": True}                # require cp.async / TMA in the PTX (pipelined loops)
 
 List every configuration the autotuner may pick on that arch (``configs.candidates``), with
 the heaviest feature set (most registers) for each. ``tests/test_triton_aot.py`` discovers the
@@ -56,7 +66,13 @@ import sys
 import tempfile
 import time
 
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ARCHS = (80, 86, 90)
+# Shared memory one block may use (opt-in maximum), per SM, warps and blocks per SM.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+SMEM_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 90: 228 * 1024}
+MAX_WARPS_PER_SM = {80: 64, 86: 48, 90: 64}
+MAX_BLOCKS_PER_SM = {80: 32, 86: 16, 90: 32}
+REGS_PER_SM = 65536
 PACKAGE = "ptkernels.backends.triton"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,16 +92,36 @@ def discover_modules() -> list[str]:
     return found
 
 
-def list_jobs(modules, archs=(80, 90)) -> list[tuple]:
-    """(module, spec index, arch, variant index) of every compile."""
+def _variant_key(v: dict) -> tuple:
+    return (v["label"], v["config"], json.dumps(v["constexprs"], sort_keys=True))
+
+
+def list_jobs(modules, archs=ARCHS) -> list[tuple]:
+    """(module, spec index, arch, variant index) of every compile. An sm_86 variant identical to
+    an sm_80 one is listed as (module, spec index, 86, variant index, "alias-80"): not compiled,
+    its sm_80 result is checked against the sm_86 limits."""
     jobs = []
     for name in modules:
         mod = importlib.import_module(name)
         for si, spec in enumerate(mod.AOT_SPECS):
+            sm80 = {_variant_key(v) for v in spec["variants"](80)} if 80 in archs else set()
             for arch in archs:
-                for vi, _ in enumerate(spec["variants"](arch)):
-                    jobs.append((name, si, arch, vi))
+                for vi, v in enumerate(spec["variants"](arch)):
+                    if arch == 86 and _variant_key(v) in sm80:
+                        jobs.append((name, si, arch, vi, "alias-80"))
+                    else:
+                        jobs.append((name, si, arch, vi))
     return jobs
+
+
+def blocks_per_sm(arch: int, regs: int, num_warps: int, smem: int) -> int:
+    """Resident blocks per SM: the minimum over registers (allocated per warp in units of 256),
+    warps, shared memory (plus 1 KB the driver reserves per block) and the block limit."""
+    regs_per_warp = ((max(regs, 1) * 32 + 255) // 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
+    by_warps = MAX_WARPS_PER_SM[arch] // num_warps
+    by_smem = SMEM_PER_SM[arch] // (smem + 1024) if smem else MAX_BLOCKS_PER_SM[arch]
+    return max(0, min(by_regs, by_warps, by_smem, MAX_BLOCKS_PER_SM[arch]))
 
 
 def _tool(name: str) -> str:
@@ -133,9 +169,27 @@ def compile_variant(kernel, variant: dict, arch: int) -> dict:
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas.stderr + ptxas.stdout)
     mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else None)
+    if "cp.async.bulk" in ptx:
+        async_loads = "tma"
+    elif "cp.async" in ptx:
+        async_loads = "cp.async"
+    else:
+        async_loads = None
+    smem = int(compiled.metadata.shared)
     return {"regs": regs, "stack": stack, "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2)), "smem": int(compiled.metadata.shared),
-            "mma": mma, "seconds": round(seconds, 2), "target": target}
+            "spill_loads": int(spills.group(2)), "smem": smem, "mma": mma,
+            "async": async_loads, "num_warps": variant["num_warps"],
+            "num_stages": variant["num_stages"],
+            "blocks_per_sm": blocks_per_sm(arch, regs, variant["num_warps"], smem),
+            "seconds": round(seconds, 2), "target": target}
+
+
+def _row_head(name, spec, arch, variant) -> dict:
+    return {"module": name.rsplit(".", 1)[-1], "kernel": spec["name"], "arch": arch,
+            "label": variant["label"], "config": variant["config"],
+            "tensor_cores": bool(variant.get("tensor_cores", False)),
+            "async_required": bool(variant.get("async_loads", False)),
+            "products": spec.get("products_per_tile")}
 
 
 def _run_local(jobs) -> list[dict]:
@@ -143,9 +197,7 @@ def _run_local(jobs) -> list[dict]:
     for name, si, arch, vi in jobs:
         spec = importlib.import_module(name).AOT_SPECS[si]
         variant = spec["variants"](arch)[vi]
-        row = {"module": name.rsplit(".", 1)[-1], "kernel": spec["name"], "arch": arch,
-               "label": variant["label"], "config": variant["config"],
-               "tensor_cores": bool(variant.get("tensor_cores", False))}
+        row = _row_head(name, spec, arch, variant)
         try:
             row.update(compile_variant(spec["kernel"], variant, arch))
         except Exception as exc:  # noqa: BLE001 - reported per variant
@@ -156,6 +208,8 @@ def _run_local(jobs) -> list[dict]:
 
 def run_jobs(jobs, processes: int = 2) -> list[dict]:
     """Compile ``jobs`` in ``processes`` worker processes with a clean env; return result rows."""
+    aliases = [j for j in jobs if len(j) == 5]
+    jobs = [j for j in jobs if len(j) == 4]
     if not jobs:
         return []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -178,7 +232,25 @@ def run_jobs(jobs, processes: int = 2) -> list[dict]:
             if p.wait() != 0:
                 raise RuntimeError(f"AOT worker failed (rc {p.returncode}):\n{err[-4000:]}")
             rows += json.loads(out.strip().splitlines()[-1])
+    rows += _alias_rows(aliases, rows)
     return sorted(rows, key=lambda r: (r["kernel"], r["arch"], r["label"], r["config"]))
+
+
+def _alias_rows(aliases, rows) -> list[dict]:
+    """sm_86 rows of variants compiled once for sm_80: the sm_80 result with sm_86 occupancy."""
+    by_key = {(r["kernel"], r["arch"], r["label"], r["config"]): r for r in rows}
+    out = []
+    for name, si, arch, vi, _ in aliases:
+        spec = importlib.import_module(name).AOT_SPECS[si]
+        variant = spec["variants"](arch)[vi]
+        src = by_key.get((spec["name"], 80, variant["label"], variant["config"]))
+        row = dict(src) if src is not None else {"error": "sm_80 twin missing"}
+        row.update(_row_head(name, spec, arch, variant))
+        if "error" not in row:
+            row["blocks_per_sm"] = blocks_per_sm(arch, row["regs"], row["num_warps"], row["smem"])
+            row["target"] = "sm_86 (sm_80 code)"
+        out.append(row)
+    return out
 
 
 def check(row: dict) -> list[str]:
@@ -193,20 +265,26 @@ def check(row: dict) -> list[str]:
         problems.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]} B")
     if row["tensor_cores"] and not row["mma"]:
         problems.append("no tensor-core instruction (mma/wgmma) in the PTX")
+    if row.get("async_required") and not row.get("async"):
+        problems.append("no asynchronous load (cp.async / TMA) in the PTX of a pipelined loop")
+    if row.get("blocks_per_sm", 1) < 1:
+        problems.append("not one block fits on an SM")
     return problems
 
 
 def table(rows) -> str:
-    head = "| kernel | arch | variant | config | regs | smem B | spills st/ld B | stack | mma | s |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| kernel | arch | variant | config | regs | spills st/ld B | smem B | stages | "
+            "blocks/SM | async loads | mma | products/tile |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernel']} | sm_{r['arch']} | {r['label']} | {r['config']} | "
-                         f"ERROR | | | | | |")
+                         f"ERROR | | | | | | | |")
             continue
         lines.append(f"| {r['kernel']} | sm_{r['arch']} | {r['label']} | {r['config']} | "
-                     f"{r['regs']} | {r['smem']} | {r['spill_stores']}/{r['spill_loads']} | "
-                     f"{r['stack']} | {r['mma'] or '-'} | {r['seconds']} |")
+                     f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | "
+                     f"{r['num_stages']} | {r['blocks_per_sm']} | {r['async'] or '-'} | "
+                     f"{r['mma'] or '-'} | {r['products'] or '-'} |")
     return "\n".join(lines)
 
 

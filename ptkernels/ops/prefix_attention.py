@@ -171,11 +171,18 @@ def _check_prefix(prefix_k, prefix_v, prefix_index, b, hkv, d, q):
             raise ValueError(f"prefix_index is on {prefix_index.device} but q is on {q.device}")
         prefix_index = prefix_index.to(torch.int64)
         if not torch.compiler.is_compiling() and prefix_index.numel() > 0:
-            lo, hi = torch.aminmax(prefix_index)
             t = prefix_k.shape[0]
-            if int(lo) < 0 or int(hi) >= t:
-                raise IndexError(f"prefix_index values must lie in [0, {t}) (the bank has T={t} "
-                                 f"prefixes), got min {int(lo)}, max {int(hi)}")
+            if prefix_index.device.type == "cpu":
+                lo, hi = torch.aminmax(prefix_index)
+                if int(lo) < 0 or int(hi) >= t:
+                    raise IndexError(f"prefix_index values must lie in [0, {t}) (the bank has "
+                                     f"T={t} prefixes), got min {int(lo)}, max {int(hi)}")
+            else:
+                # On a GPU the range check runs on the device (no host synchronization in the
+                # op path): an index out of range stops the stream with this message.
+                torch._assert_async(((prefix_index >= 0) & (prefix_index < t)).all(),
+                                    f"prefix_index values must lie in [0, {t}) (the bank has "
+                                    f"T={t} prefixes)")
     if prefix_k.shape[2] == 0:
         return None, None, None
     return prefix_k, prefix_v, prefix_index

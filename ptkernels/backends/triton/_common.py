@@ -1,15 +1,33 @@
-"""Helpers shared by every Triton kernel module of ptkernels.
+"""Helpers shared by every Triton kernel module of ptkernels (the one home of device helpers).
+
+Naming scheme of every attention kernel (forward, decode, backward): pointers ``<t>_ptr``, element
+strides ``s_<t><dim>`` (``t`` in q, k, v, pk, pv (prefix), kpm (key padding mask), b (bias), o / do
+/ dq / dk / dv / g (gradient outputs); ``dim`` in b, h, t (prefix bank), m (query row), n (key),
+d), feature flags ``CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT``,
+``PREFIX_MODE`` (below) and ``FP32_DOTS``; the head dim ``D`` is a ``tl.constexpr`` (the code is
+specialized per head dim, so a power-of-two head dim compiles without column masks: vector loads,
+``cp.async``).
 
 * ``INTERPRET``: True when ``TRITON_INTERPRET=1`` was set before import (kernels run on CPU tensors
-  through the Triton interpreter). Kernels take it as a ``tl.constexpr`` so that the interpreter
-  path upcasts bf16 right after ``tl.load`` and multiplies in fp32 (the interpreter stores bf16 as
-  raw uint16 bits: ``tl.dot`` and elementwise math on bf16 give garbage there), while the GPU path
-  keeps 16-bit operands for the tensor cores.
-* ``mma``: the one ``tl.dot`` wrapper every kernel uses (fp32 accumulation; fp32 operands use
-  ``tf32x3`` on the GPU, which keeps fp32-level accuracy on tensor cores; ``ieee`` in the
-  interpreter).
-* dtype and block-size helpers, and ``alloc`` (outputs poisoned with NaN when
-  ``PTKERNELS_DEBUG_POISON=1``, so a kernel that forgets to write an element fails the tests).
+  through the Triton interpreter).
+* ``FP32_DOTS`` (a constexpr of every attention kernel): upcast tiles right after the load and
+  multiply in exact fp32 (``mma``'s "ieee" branch). True under the interpreter (it stores bf16 as
+  raw uint16 bits: ``tl.dot`` and elementwise math on bf16 give garbage there) and, in the
+  backward, for float32 inputs with a head dim > 128 on the GPU (3xTF32 tiles spill there).
+* ``round_to``: the rounding of an fp32 tile to the input dtype that the GPU applies before a
+  16-bit product (probabilities before P @ V, dS before dS @ K, ...), reproduced exactly under the
+  interpreter, so its tests see the GPU's rounding error (the interpreter's own fp32 -> bf16
+  conversion truncates instead of rounding to nearest even).
+* ``mma``: the one ``tl.dot`` wrapper (fp32 accumulation; fp32 operands use ``tf32x3`` on the GPU:
+  3 TF32 products, an error of the order of fp32 rounding, so the interpreter's exact fp32 dots
+  model it within the fp32 tolerance of DESIGN.md; 16-bit operands go to the tensor cores).
+* Prefix modes: the values of ``ptk::PrefixMode`` in ``csrc/kernels/prefix_attention_params.cuh``
+  (0 none, 1 shared, 2 one per batch row, 3 bank chosen by ``prefix_index``); ``prefix_of_row``
+  maps a batch row to its prefix, the device twin of the C++ ``prefix_of_row``.
+* ``tanh`` (soft-capping), ``load_tile``, dtype and block-size helpers, ``alloc`` (outputs poisoned
+  with NaN when ``PTKERNELS_DEBUG_POISON=1``, so a kernel that forgets an element fails the tests),
+  ``launch_first_fitting`` (deterministic configuration choice; configurations the GPU cannot hold
+  are skipped).
 """
 from __future__ import annotations
 
@@ -24,6 +42,21 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 # Type strings of ``triton.compile`` signatures (AOT specs).
 SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# ptk::PrefixMode (csrc/kernels/prefix_attention_params.cuh)
+NO_PREFIX, SHARED_PREFIX, PER_ROW_PREFIX, BANK_PREFIX = 0, 1, 2, 3
+
+
+def prefix_mode(prefix_k: torch.Tensor | None, prefix_index: torch.Tensor | None) -> int:
+    """The prefix mode of a normalized call: prefix_k (T, Hkv, P, D) or None."""
+    if prefix_k is None or prefix_k.shape[2] == 0:
+        return NO_PREFIX
+    if prefix_index is not None:
+        return BANK_PREFIX
+    return SHARED_PREFIX if prefix_k.shape[0] == 1 else PER_ROW_PREFIX
 
 
 def poison_enabled() -> bool:
@@ -52,15 +85,95 @@ def is_interpreting(device: torch.device) -> bool:
     return INTERPRET and torch.device(device).type == "cpu"
 
 
+def launch_first_fitting(cache: dict, key, candidates, run):
+    """Launch ``run(cfg)`` with the configuration cached for ``key``, else with the first of
+    ``candidates`` (the tables list them best guess first) that the GPU can hold: a candidate
+    whose compile needs more shared memory or registers than the device has
+    (``OutOfResources``, raised before anything runs) is skipped, never fatal. No timing: the
+    same shapes and flags pick the same configuration in every run and on every rank, and a
+    CUDA-graph capture never sees a benchmark."""
+    from triton.runtime.errors import OutOfResources
+
+    cfg = cache.get(key)
+    if cfg is not None:
+        return run(cfg)
+    error = None
+    for cfg in candidates:
+        try:
+            result = run(cfg)
+        except OutOfResources as exc:
+            error = exc
+            continue
+        cache[key] = cfg
+        return result
+    raise error if error is not None else ValueError(f"no launch configuration for {key}")
+
+
 @triton.jit
-def mma(a, b, acc, INTERPRET: tl.constexpr):
+def prefix_of_row(pidx_ptr, b, PREFIX_MODE: tl.constexpr):
+    """The prefix t (int64) that batch row b reads: 0 (shared), b (one per row) or
+    prefix_index[b] (bank). Unused (0) without a prefix."""
+    if PREFIX_MODE == 3:
+        t = tl.load(pidx_ptr + b).to(tl.int64)
+    elif PREFIX_MODE == 2:
+        t = b.to(tl.int64)
+    else:
+        t = b.to(tl.int64) * 0
+    return t
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp (portable: the interpreter has no libdevice): 1 - 2 / (exp(2x) + 1), exact
+    limits +-1 where exp overflows or underflows."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def load_tile(ptrs, mask, FP32_DOTS: tl.constexpr):
+    """Masked load (0 where masked off); with FP32_DOTS upcast at once."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if FP32_DOTS:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr, FP32_DOTS: tl.constexpr):
+    """fp32 tile ``x`` rounded to dtype DT (round to nearest even, as the GPU converts).
+
+    Without FP32_DOTS returns a DT tile (the tensor-core operand). With FP32_DOTS returns fp32
+    holding the DT-rounded values: the interpreter then multiplies exactly what the GPU would.
+    """
+    if FP32_DOTS:
+        if DT == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            y = bits.to(tl.float32, bitcast=True)
+        elif DT == tl.float16:
+            y = x.to(tl.float16).to(tl.float32)
+        else:
+            y = x
+    else:
+        y = x.to(DT)
+    return y
+
+
+@triton.jit
+def cast_rounded(x, DT: tl.constexpr, FP32_DOTS: tl.constexpr):
+    """fp32 tile ``x`` as dtype DT for a store, rounded to nearest even also under the
+    interpreter."""
+    return round_to(x, DT, FP32_DOTS).to(DT)
+
+
+@triton.jit
+def mma(a, b, acc, FP32_DOTS: tl.constexpr):
     """acc + a @ b with fp32 accumulation.
 
-    Under the interpreter both operands are upcast to fp32 (bf16 dots multiply raw bits there);
-    on the GPU fp16/bf16 operands go to the tensor cores as they are, and fp32 operands use
-    ``tf32x3`` (3 TF32 products: fp32-level error on tensor cores, unlike plain tf32).
+    With FP32_DOTS both operands are upcast to fp32 and multiplied exactly ("ieee"); otherwise
+    fp16/bf16 operands go to the tensor cores as they are, and fp32 operands use ``tf32x3``.
     """
-    if INTERPRET:
+    if FP32_DOTS:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="tf32x3")
@@ -69,7 +182,7 @@ def mma(a, b, acc, INTERPRET: tl.constexpr):
     return acc
 
 
-def aot_signature(kernel, pointer_types: dict, float_args=(), constexprs=None, div16=()):
+def aot_signature(kernel, pointer_types: dict, float_args=(), constexprs=None):
     """Signature dict for an AOT spec (``tests/triton_aot.py``): pointers as given, the names in
     ``float_args`` as fp32, every other non-constexpr parameter as i32."""
     constexprs = constexprs or {}

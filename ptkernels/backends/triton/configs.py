@@ -1,11 +1,13 @@
 """Launch configurations of the Triton attention kernels, per GPU architecture.
 
 A configuration is ``Config(block_m, block_n, num_warps, num_stages)``. ``candidates(kernel, arch,
-dtype, d)`` lists what the autotuner may pick for a kernel ("fwd" = the main forward, "decode" =
-the split-K decode forward) on sm_<arch> (80 = A100 class, 90 = H100 class; other archs use the
-closest lower table) for a dtype and head dim ``d``. The AOT test compiles every one of them for
-sm_80 and sm_90 and requires zero register spills and shared memory within the arch limit, so
-this table is the single place to edit when tuning.
+dtype, d)`` lists, best guess first, what a kernel ("fwd" = the main forward, "decode" = the
+split-K decode forward) may run with on sm_<arch> (``table_arch``: 80 = A100, 86 = A10 / L4 /
+L40S / RTX 30-40 with 99 KB of shared memory per block, 90 = H100) for a dtype and head dim. The
+first candidate the GPU can hold runs (no timing: deterministic); later ones are fallbacks. The
+AOT test compiles every one of them for its arch as the JIT specializes a contiguous call (head
+dim constexpr) and requires zero register spills, shared memory within the arch limit and
+asynchronous loads in pipelined loops, so this table is the single place to edit when tuning.
 
 Under the Triton interpreter one fixed small configuration is used (``INTERPRET``): autotuning
 there is far too slow, and 32-wide tiles still leave tails in every odd test shape.
@@ -35,6 +37,7 @@ INTERPRET = {"fwd": Config(32, 32, 4, 1), "decode": Config(16, 32, 4, 1)}
 # tf32x3 products split every operand in two). Every entry below compiles without spills for
 # sm_80 and sm_90 with the heaviest feature set of its table (tests/test_triton_aot.py).
 _C = Config
+_FP32 = {64: [_C(32, 16, 4, 2)], 128: [_C(32, 16, 8, 2), _C(16, 16, 4, 2)], 256: [_C(16, 16, 8, 2)]}
 _FWD = {
     90: {
         "16bit": {64: [_C(128, 64, 8, 3), _C(128, 128, 8, 2)],
@@ -43,16 +46,27 @@ _FWD = {
         "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
                         128: [_C(64, 32, 4, 2), _C(32, 32, 4, 2)],
                         256: [_C(32, 32, 4, 2)]},
-        "fp32": {64: [_C(32, 16, 4, 2)], 128: [_C(32, 16, 8, 2), _C(16, 16, 4, 2)], 256: [_C(16, 16, 8, 2)]},
+        # 32x16 w4 spills 8 B on sm_90 (it does not on sm_80): 8 warps
+        "fp32": {**_FP32, 64: [_C(32, 16, 8, 2)]},
+    },
+    # sm_86 / sm_89: 99 KB of shared memory per block (sm_80's 128x64 s3 at D = 256 needs 100 KB)
+    86: {
+        "16bit": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+                  128: [_C(128, 32, 8, 3), _C(64, 32, 4, 3)],
+                  256: [_C(64, 32, 8, 2), _C(32, 32, 4, 3)]},
+        "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
+                        128: [_C(64, 64, 8, 2), _C(32, 32, 4, 2)],
+                        256: [_C(32, 32, 4, 2)]},
+        "fp32": _FP32,
     },
     80: {
         "16bit": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
-                  128: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+                  128: [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 32, 4, 3)],
                   256: [_C(64, 32, 8, 3), _C(32, 32, 4, 3)]},
         "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
                         128: [_C(64, 64, 8, 2), _C(32, 32, 4, 2)],
                         256: [_C(32, 32, 4, 2)]},
-        "fp32": {64: [_C(32, 16, 4, 2)], 128: [_C(32, 16, 8, 2), _C(16, 16, 4, 2)], 256: [_C(16, 16, 8, 2)]},
+        "fp32": _FP32,
     },
 }
 # Decode: BLOCK_M covers the few query rows; the work is spread over splits of the keys instead.
@@ -61,17 +75,32 @@ _DECODE_ANY = {
     "16bit": {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3)],
               128: [_C(16, 64, 4, 3), _C(16, 128, 4, 2)],
               256: [_C(16, 32, 4, 2)]},
-    "fp32": {64: [_C(16, 64, 4, 2)], 128: [_C(16, 32, 4, 2)], 256: [_C(16, 16, 8, 2)]},
+    "fp32": {64: [_C(16, 64, 4, 2)], 128: [_C(16, 32, 8, 2)], 256: [_C(16, 16, 8, 2)]},
 }
-_DECODE = {arch: dict(_DECODE_ANY, **{"16bit_heavy": _DECODE_ANY["16bit"]}) for arch in (80, 90)}
+# sm_86: the decode kernel's two pipelined loops (prefix and sequence chunks) double its buffers;
+# 99 KB allows 16x64 s3 at D = 64 and s2 at D = 128.
+_DECODE_86 = {**_DECODE_ANY, "16bit": {64: [_C(16, 64, 4, 3)], 128: [_C(16, 64, 4, 2)],
+                                       256: [_C(16, 32, 4, 2)]}}
+_DECODE = {arch: dict(table, **{"16bit_heavy": table["16bit"]})
+           for arch, table in ((80, _DECODE_ANY), (86, _DECODE_86), (90, _DECODE_ANY))}
 TABLES = {"fwd": _FWD, "decode": _DECODE}
-ARCHS = (80, 90)
+ARCHS = (80, 86, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_BUCKETS = (64, 128, 256)   # BLOCK_D upper bounds; 16 and 32 use the 64 bucket
 
 
-def _arch_key(arch: int) -> int:
-    return 90 if arch >= 90 else 80
+def table_arch(arch: int) -> int:
+    """The table serving sm_<arch>: 90 for Hopper and newer, 86 for the consumer / inference
+    Ampere and Ada parts (sm_86, sm_87, sm_89: 99 KB of shared memory per block), 80 for A100
+    (163 KB)."""
+    if arch >= 90:
+        return 90
+    if arch >= 86:
+        return 86
+    return 80
+
+
+_arch_key = table_arch
 
 
 def _dtype_key(dtype: torch.dtype, heavy: bool) -> str:

@@ -18,10 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ptkernels.backends.triton._common import INTERPRET, alloc
-from ptkernels.backends.triton.attention_fwd import (Launch, aot_variants, attend_segment,
-                                                     finish_rows, pick_config, sequence_bounds,
-                                                     start_query_block)
+from ptkernels.backends.triton._common import (INTERPRET, aot_signature, alloc, cast_rounded,
+                                              prefix_of_row)
+from ptkernels.backends.triton.attention_fwd_blocks import (DIV16_INTS, Launch, aot_variants,
+                                                            attend_segment,
+                                                            finish_rows, launch_with_config,
+                                                            sequence_bounds, start_query_block)
 
 # Keys per split: enough to amortize a program's setup, small enough to spread a 4k cache over
 # a few dozen programs per (b, h).
@@ -29,42 +31,42 @@ MIN_CHUNK = 256
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   spkt, spkh, spkn, spkd, spvt, spvh, spvn, spvd,
-                   skpmb, skpmn, sbb, sbh, sbm, sbn,
-                   Hq, Nq, Nk, P, G, D, seed, scale, softcap, dropout_p, window,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_ptr, opart_ptr,
+                   lpart_ptr,
+                   s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                   s_pkt, s_pkh, s_pkn, s_pkd, s_pvt, s_pvh, s_pvn, s_pvd,
+                   s_kpmb, s_kpmn, s_bb, s_bh, s_bm, s_bn,
+                   Hq, Nq, Nk, P, G, seed, scale, softcap, dropout_p, window,
                    chunk, n_split_p, n_split,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr):
-    # grid (n_split, B * Hq, cdiv(Nq, BLOCK_M)); splits [0, n_split_p) cover the prefix.
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    pid_m = tl.program_id(2)
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PREFIX_MODE: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   FP32_DOTS: tl.constexpr):
+    # grid (n_split * B * Hq, cdiv(Nq, BLOCK_M)): (split, b*h) folded into axis 0 (no 65,535
+    # limit on B * Hq); splits [0, n_split_p) cover the prefix.
+    split = tl.program_id(0) % n_split
+    bh = tl.program_id(0) // n_split
+    pid_m = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    kvh = (h // G).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    kvh = h // G
     m0 = pid_m * BLOCK_M
     rows, row_ok, offs_d, d_ok, q, acc, m_i, l_i = start_query_block(
-        Q, sqb, sqh, sqm, sqd, b, h, m0, Nq, D, BLOCK_M, BLOCK_D, INTERPRET)
-    bias_base = BIAS + b * sbb + h * sbh
+        q_ptr, s_qb, s_qh, s_qm, s_qd, b, h, m0, Nq, D, BLOCK_M, BLOCK_D, FP32_DOTS)
+    bias_base = bias_ptr + b * s_bb + h * s_bh
     n_cols = P + Nk
     q_off = Nk - Nq
     if split < n_split_p:
-        if HAS_INDEX:
-            t = tl.load(PIDX + b).to(tl.int64)
-        else:
-            t = b
+        t = prefix_of_row(pidx_ptr, b, PREFIX_MODE)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, P)
         acc, m_i, l_i = attend_segment(
-            acc, m_i, l_i, q, PK + t * spkt + kvh * spkh, PV + t * spvt + kvh * spvh,
-            spkn, spkd, spvn, spvd, lo, hi, hi, 0, n_cols, rows, row_ok, bias_base, sbm, sbn,
-            KPM, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
+            acc, m_i, l_i, q, pk_ptr + t * s_pkt + kvh * s_pkh, pv_ptr + t * s_pvt + kvh * s_pvh,
+            s_pkn, s_pkd, s_pvn, s_pvd, lo, hi, hi, 0, n_cols, rows, row_ok, bias_base, s_bm, s_bn,
+            kpm_ptr, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
-            HAS_DROPOUT, INTERPRET)
+            HAS_DROPOUT, FP32_DOTS)
     else:
         lo_c = (split - n_split_p) * chunk
         hi_c = tl.minimum(lo_c + chunk, Nk)
@@ -73,41 +75,44 @@ def _decode_kernel(Q, K, V, PK, PV, PIDX, KPM, BIAS, O_PART, L_PART,
         lo = tl.maximum(lo_c, lo_v)
         hi = tl.minimum(hi_c, hi_v)
         acc, m_i, l_i = attend_segment(
-            acc, m_i, l_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh,
-            skn, skd, svn, svd, lo, hi, hi_c, P, n_cols, rows, row_ok, bias_base, sbm, sbn,
-            KPM + b * skpmb, skpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
+            acc, m_i, l_i, q, k_ptr + b * s_kb + kvh * s_kh, v_ptr + b * s_vb + kvh * s_vh,
+            s_kn, s_kd, s_vn, s_vd, lo, hi, hi_c, P, n_cols, rows, row_ok, bias_base, s_bm, s_bn,
+            kpm_ptr + b * s_kpmb, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
-            HAS_DROPOUT, INTERPRET)
+            HAS_DROPOUT, FP32_DOTS)
     out, lse = finish_rows(acc, m_i, l_i)
     part = (bh.to(tl.int64) * n_split + split) * Nq + rows
-    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
-    tl.store(L_PART + part, lse, mask=row_ok)
+    tl.store(opart_ptr + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(lpart_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
-def _combine_kernel(O_PART, L_PART, OUT, LSE, Hq, Nq, D, n_split, sob, soh, som,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid (Nq, B * Hq): merge the n_split partials of one query row by logsumexp.
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+def _combine_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, Hq, Nq, n_split, s_ob, s_oh, s_om,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    FP32_DOTS: tl.constexpr):
+    # grid (Nq * B * Hq,): merge the n_split partials of one query row by logsumexp.
+    i = tl.program_id(0) % Nq
+    bh = tl.program_id(0) // Nq
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < n_split
     part = (bh.to(tl.int64) * n_split + offs_s) * Nq + i
-    lse_s = tl.load(L_PART + part, mask=s_ok, other=float("-inf"))
+    lse_s = tl.load(lpart_ptr + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_base = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_base)
     total = tl.sum(w, 0)
-    o = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.load(opart_ptr + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None],
+                other=0.0)
     seen = total > 0.0
     out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
     lse = tl.where(seen, m_base + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-    tl.store(OUT + b.to(tl.int64) * sob + h * soh + i * som + offs_d, out.to(OUT.dtype.element_ty),
-             mask=offs_d < D)
-    tl.store(LSE + bh.to(tl.int64) * Nq + i, lse)
+    OT: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + b * s_ob + h * s_oh + i * s_om + offs_d,
+             cast_rounded(out, OT, FP32_DOTS), mask=offs_d < D)
+    tl.store(lse_ptr + bh.to(tl.int64) * Nq + i, lse)
 
 
 def num_splits(n_keys: int, chunk: int) -> int:
@@ -141,32 +146,33 @@ def forward_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
         n_split = max(1, n_split_p + num_splits(L.nk, chunk))
         o_part = alloc((L.b * L.hq, n_split, L.nq, L.block_d), torch.float32, q.device)
         l_part = alloc((L.b * L.hq, n_split, L.nq), torch.float32, q.device)
-        grid = (n_split, L.b * L.hq, triton.cdiv(L.nq, cfg.block_m))
+        grid = (n_split * L.b * L.hq, triton.cdiv(L.nq, cfg.block_m))
         _decode_kernel[grid](*L.tensors, o_part, l_part, *L.strides, *L.scalars, chunk,
                              n_split_p, n_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              BLOCK_D=L.block_d, **L.flags, num_warps=cfg.num_warps,
                              num_stages=cfg.num_stages)
-        _combine_kernel[(L.nq, L.b * L.hq)](o_part, l_part, out, lse, L.hq, L.nq, L.d, n_split,
-                                            *out.stride()[:3],
-                                            BLOCK_S=triton.next_power_of_2(n_split),
-                                            BLOCK_D=L.block_d)
+        _combine_kernel[(L.nq * L.b * L.hq,)](o_part, l_part, out, lse, L.hq, L.nq, n_split,
+                                              *out.stride()[:3], D=L.d,
+                                              BLOCK_S=triton.next_power_of_2(n_split),
+                                              BLOCK_D=L.block_d, FP32_DOTS=INTERPRET)
 
-    run(pick_config("decode", L, run))
+    launch_with_config("decode", L, run)
     return out, lse
 
 
 def _combine_variants(arch: int) -> list[dict]:
-    from ptkernels.backends.triton._common import aot_signature
-
     # elementwise + reductions only: the widest tile in the two output dtype classes suffices
     out = []
     for dt in ("bf16", "fp32"):
         for bd in (256,):
-            cx = {"BLOCK_S": 64, "BLOCK_D": bd}
-            ptrs = {"O_PART": "*fp32", "L_PART": "*fp32", "OUT": f"*{dt}", "LSE": "*fp32"}
+            cx = {"BLOCK_S": 64, "BLOCK_D": bd, "D": bd, "FP32_DOTS": False}
+            ptrs = {"opart_ptr": "*fp32", "lpart_ptr": "*fp32", "out_ptr": f"*{dt}",
+                    "lse_ptr": "*fp32"}
             sig = aot_signature(_combine_kernel, ptrs, (), cx)
             out.append({"label": f"{dt} d{bd} 64 splits", "config": "w4 s1", "signature": sig,
-                        "constexprs": cx, "div16": list(ptrs) + ["sob", "soh", "som"],
+                        "constexprs": cx,
+                        "div16": list(ptrs) + ["s_ob", "s_oh", "s_om"] + [
+                            a for a in DIV16_INTS if a in sig],
                         "num_warps": 4, "num_stages": 1, "tensor_cores": False})
     return out
 
@@ -174,8 +180,9 @@ def _combine_variants(arch: int) -> list[dict]:
 AOT_SPECS = [
     {"name": "decode_fwd", "kernel": _decode_kernel,
      "description": "split-K decode forward: partial softmax per key chunk",
+     "products_per_tile": "2 (QK^T, PV)",
      "variants": lambda arch: aot_variants(_decode_kernel, "decode", arch,
-                                           {"O_PART": "*fp32", "L_PART": "*fp32"})},
+                                           {"opart_ptr": "*fp32", "lpart_ptr": "*fp32"})},
     {"name": "decode_combine", "kernel": _combine_kernel,
      "description": "logsumexp merge of the split-K partials",
      "variants": _combine_variants},

@@ -41,12 +41,24 @@ def dropout_keep(seed, bh, rows, cols, n_cols, p):
 
 
 @triton.jit
+def dropout_keep_t(seed, bh, rows, cols, n_cols, p):
+    """``dropout_keep`` laid out (cols, rows) for a (keys x queries) tile of the backward: the same
+    formula element by element. Generating it transposed avoids a layout conversion (shared
+    memory + registers) of the (rows, cols) mask."""
+    head_seed = bh.to(tl.int64) + seed
+    offsets = rows[None, :] * n_cols + cols[:, None]
+    return tl.rand(head_seed, offsets.to(tl.int32)) >= p
+
+
+@triton.jit
 def _keep_mask_kernel(out_ptr, seed, Hq, Nq, n_cols, p, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    # grid (cdiv(Nq, BLOCK_M), cdiv(n_cols, BLOCK_N), B * Hq); out is (B * Hq, Nq, n_cols) int8.
-    pid_m = tl.program_id(0)
+    # grid (B * Hq * cdiv(Nq, BLOCK_M), cdiv(n_cols, BLOCK_N)): (b, h) folded into axis 0 (no
+    # 65,535 limit); out is (B * Hq, Nq, n_cols) int8.
+    n_mb = tl.cdiv(Nq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_mb
+    bh = tl.program_id(0) // n_mb
     pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = dropout_keep(seed, bh, rows, cols, n_cols, p)
@@ -66,7 +78,7 @@ def dropout_keep_mask(seed_tensor: torch.Tensor, shape, p: float, device=None) -
     if out.numel() == 0:
         return out.bool()
     block_m, block_n = 16, 64
-    grid = (triton.cdiv(nq, block_m), triton.cdiv(n_cols, block_n), b * hq)
+    grid = (b * hq * triton.cdiv(nq, block_m), triton.cdiv(n_cols, block_n))
     _keep_mask_kernel[grid](out, seed_from_tensor(seed_tensor), hq, nq, n_cols, float(p),
                             BLOCK_M=block_m, BLOCK_N=block_n)
     return out.bool()
@@ -78,7 +90,7 @@ def _mask_variants(arch: int) -> list[dict]:
     cx = {"BLOCK_M": 16, "BLOCK_N": 64}
     sig = aot_signature(_keep_mask_kernel, {"out_ptr": "*i8"}, ("p",), cx)
     return [{"label": "int8 mask", "config": "16x64 w4 s1", "signature": sig, "constexprs": cx,
-             "div16": ["out_ptr"], "num_warps": 4, "num_stages": 1, "tensor_cores": False}]
+             "div16": ["out_ptr", "Nq", "n_cols"], "num_warps": 4, "num_stages": 1, "tensor_cores": False}]
 
 
 AOT_SPECS = [{"name": "dropout_mask", "kernel": _keep_mask_kernel,

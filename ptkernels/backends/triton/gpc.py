@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ptkernels.backends.eager_gpc import num_gates
-from ptkernels.backends.triton._common import INTERPRET, SIG_DTYPE, alloc, mma
+from ptkernels.backends.triton._common import INTERPRET, SIG_DTYPE, alloc, mma, tanh
 
 VARIANT_CODE = {"lstm": 0, "candidate": 1, "gru": 2, "reinject": 3}
 
@@ -62,12 +62,6 @@ def _config(kernel: str, dtype: torch.dtype, device: torch.device):
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # 2*sigmoid(2x) - 1: stable at both ends (exp(-2x) overflows to inf only where the result is -1)
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -123,7 +117,7 @@ def _fwd_kernel(U, S, W, Bias, Out, A,
     if VARIANT == 0:      # lstm: sigmoid(f) * S + sigmoid(r) * U
         new = _sigmoid(acc0) * s + _sigmoid(acc1) * u
     elif VARIANT == 1:    # candidate: sigmoid(f) * S + sigmoid(r) * tanh(c)
-        new = _sigmoid(acc0) * s + _sigmoid(acc1) * _tanh(acc2)
+        new = _sigmoid(acc0) * s + _sigmoid(acc1) * tanh(acc2)
     elif VARIANT == 2:    # gru: g * U + (1 - g) * S
         g = _sigmoid(acc0)
         new = g * u + (1.0 - g) * s
@@ -177,7 +171,7 @@ def _bwd_gates_kernel(G, A, U, S, DA, DU, DS,
             tl.store(DU + x_off, g * f, mask=om)
             tl.store(DS + x_off, g * r, mask=om)
         else:                 # candidate
-            c = _tanh(tl.load(A + a_off + 2 * d, mask=om, other=0.0))
+            c = tanh(tl.load(A + a_off + 2 * d, mask=om, other=0.0))
             tl.store(DA + a_off, g * s * f * (1.0 - f), mask=om)
             tl.store(DA + a_off + d, g * c * r * (1.0 - r), mask=om)
             tl.store(DA + a_off + 2 * d, g * r * (1.0 - c * c), mask=om)
