@@ -36,8 +36,11 @@ def test_prefix_config_matches_peft(model_type, pad):
     cfg = ptkernels.PrefixTuningConfig(num_virtual_tokens=5,
                                        sites=[site] if site != "self" else None)
     patch_model(ours, cfg, backend="eager")
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
-        f"ptk_prompts.encoders.{site}.prefix"]
+    # the prefix trains; a classification model's new head trains with it (as PEFT's SEQ_CLS)
+    trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    heads = sorted(n for n, _ in ours.named_parameters() if n.startswith("classifier."))
+    assert trainable == sorted([f"ptk_prompts.encoders.{site}.prefix"] + heads)
+    assert bool(heads) == (task == "seq_cls")
     ref = peft.get_peft_model(tm.make(model_type), peft.PrefixTuningConfig(
         task_type=TASK_TYPE[task], num_virtual_tokens=5))
     flat = ours.ptk_prompts.to_peft_embeddings(site)

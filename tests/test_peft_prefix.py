@@ -19,9 +19,10 @@ from ptkernels.integrations import transformers as tfi
 TASK_TYPE = tm.PEFT_TASK_TYPE
 
 
-def _run(model, batch, task, prompt_len=0):
+def _run(model, batch, task, prompt_len=0, forward=None):
+    """(real-row logits, loss, {trainable name: grad}) of ``forward(**batch)`` (default: model)."""
     model.zero_grad()
-    out = model(**batch)
+    out = (forward or model)(**batch)
     logits = out.logits
     if task == "causal_lm":   # compare real (unpadded) query rows only
         mask = batch["attention_mask"].bool()
@@ -51,17 +52,9 @@ CASES += [("llama:seq_cls", False, "left"), ("gpt2:seq_cls", True, "right")]
 
 
 def _run_reference(model, batch, task, prompt_len=0):
-    model.zero_grad()
-    out = pr.reference_forward(model, **batch)
-    logits = out.logits
-    if task == "causal_lm":
-        mask = batch["attention_mask"].bool()
-        if prompt_len:
-            mask = torch.cat([torch.ones(mask.shape[0], prompt_len, dtype=torch.bool), mask], 1)
-        logits = logits[mask]
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), out.loss.detach(), grads
+    """``_run`` through the independent reference (PEFT's parameters, unpatched model)."""
+    return _run(model, batch, task, prompt_len,
+                forward=lambda **inputs: pr.reference_forward(model, **inputs))
 
 
 def _agrees_with(ref):

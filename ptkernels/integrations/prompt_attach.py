@@ -133,6 +133,18 @@ def _prepend_prompts(model, state, module, args, kwargs, task_ids):
     return got, gpc
 
 
+def _with_prefix(module, got: dict, task_ids, call):
+    """``call()`` under this call's prefix context (the prefix methods): the prompt module's
+    prefixes, each row's task from ``task_ids`` (B,) checked against the batch in ``got``."""
+    ref = _batch_reference(got)
+    if ref is None:
+        raise ValueError("pass input_ids or inputs_embeds")
+    ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
+    ctx = PrefixContext(module.prefix_kv(), prefix_index=ids, position_offset=module.position_offset)
+    with use_context(ctx):
+        return call()
+
+
 class GPCHook:
     """Forward hook on layer ``index`` of the input site: the Global Prompt Cell updates the prompt
     rows the layer produced, from the call's ``GPCRun`` (in the call's context).
@@ -221,14 +233,7 @@ class PromptForward:
             new_kwargs, gpc = _prepend_prompts(model, state, module, args, kwargs, task_ids)
             with use_context(PrefixContext(position_offset=False, gpc=gpc)):
                 return inner(**new_kwargs)
-        ref = _batch_reference(got)
-        if ref is None:
-            raise ValueError("pass input_ids or inputs_embeds")
-        ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
-        ctx = PrefixContext(module.prefix_kv(), prefix_index=ids,
-                            position_offset=module.position_offset)
-        with use_context(ctx):
-            return inner(*args, **kwargs)
+        return _with_prefix(module, got, task_ids, lambda: inner(*args, **kwargs))
 
 
 class EncoderForward:
@@ -277,14 +282,7 @@ class EncoderForward:
             gpc = GPCRun(module.gpc, prompts.shape[1], prompts) if module.gpc is not None else None
             with use_context(PrefixContext(position_offset=False, gpc=gpc)):
                 return inner(**got)
-        ref = _batch_reference(got)
-        if ref is None:
-            raise ValueError("pass input_ids or inputs_embeds")
-        ids = check_task_ids(task_ids, module.num_tasks, ref.shape[0])
-        ctx = PrefixContext(module.prefix_kv(), prefix_index=ids,
-                            position_offset=module.position_offset)
-        with use_context(ctx):
-            return inner(**got)
+        return _with_prefix(module, got, task_ids, lambda: inner(**got))
 
 
 def patch_with_prompts(model, config, *, backend):
