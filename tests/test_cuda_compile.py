@@ -166,6 +166,9 @@ def test_every_kernel_compiles_without_spills(tmp_path):
         n_gemm = sum(bool(GEMM_MMA_KERNEL.search(k)) for k in kernels)
         assert n_gemm == 8, f"sm_{arch}: {n_gemm} mma.sync GPC GEMM kernels, expected 8"
     if _cuobjdump() is None:
+        # CI builds the CUDA kernels (PTKERNELS_BUILD_CUDA=1): there the SASS check must run
+        if os.environ.get("PTKERNELS_BUILD_CUDA") == "1":
+            pytest.fail("no cuobjdump (CUDA toolkit or Triton wheel): the SASS check cannot run")
         pytest.skip("no cuobjdump (CUDA toolkit or Triton wheel) for the SASS check")
     for unit in UNITS:
         for arch in ARCHS:
