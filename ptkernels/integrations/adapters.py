@@ -160,20 +160,9 @@ def _save_peft_atomically(model, directory) -> None:
 
 
 def _read_adapter(directory):
-    from safetensors.torch import load_file
-    cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for path in (cfg_path, w_path):
-        if not os.path.isfile(path):
-            raise ValueError(f"not a PEFT adapter directory: {path} is missing")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {cfg_path}: {e}") from e
-    try:
-        tensors = load_file(w_path)
-    except Exception as e:   # safetensors raises its own error types on corrupt files
-        raise ValueError(f"cannot read {w_path}: {e}") from e
+    cfg_path, w_path = prompt_files.pair_paths(directory, CONFIG_NAME, WEIGHTS_NAME, "PEFT adapter")
+    cfg = prompt_files.read_json(cfg_path)
+    tensors = prompt_files.read_tensors(w_path)
     if not isinstance(cfg, dict) or "prompt_embeddings" not in tensors:
         raise ValueError(f"{directory}: expected a prompt-learning adapter with "
                          "'prompt_embeddings'")

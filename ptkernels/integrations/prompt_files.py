@@ -107,3 +107,30 @@ class TrainableSavePretrained:
                  "config.json": model.config.to_json_string().encode()}
         files.update(payload(model, state))
         write_atomically(save_directory, files)
+
+
+def pair_paths(directory, config_name: str, weights_name: str, what: str) -> tuple[str, str]:
+    """(config path, weights path) of an adapter directory, or a ValueError naming the missing file."""
+    paths = os.path.join(directory, config_name), os.path.join(directory, weights_name)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"not a {what} directory: {path} is missing")
+    return paths
+
+
+def read_json(path: str):
+    """A JSON file's content, or a ValueError saying why it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def read_tensors(path: str) -> dict:
+    """A safetensors file's tensors, or a ValueError saying why it cannot be read."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:   # safetensors raises its own error types on corrupt files
+        raise ValueError(f"cannot read {path}: {e}") from e

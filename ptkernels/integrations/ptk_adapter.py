@@ -17,11 +17,10 @@ restore). Everything is checked before anything is written; on error the model i
 """
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 
+from ptkernels.integrations import prompt_files
 from ptkernels.integrations.prompt_files import (CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME,
                                                  config_to_json)
 
@@ -43,25 +42,15 @@ def config_from_json(meta: dict):
 
 
 def read(directory) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-    cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for path in (cfg_path, w_path):
-        if not os.path.isfile(path):
-            raise ValueError(f"not a ptkernels adapter directory: {path} is missing")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {cfg_path}: {e}") from e
+    cfg_path, w_path = prompt_files.pair_paths(directory, CONFIG_NAME, WEIGHTS_NAME,
+                                               "ptkernels adapter")
+    meta = prompt_files.read_json(cfg_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path} is not a ptkernels adapter (format != {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise ValueError(f"{cfg_path} has ptkernels adapter version {meta.get('version')!r}; this "
                          f"ptkernels reads version {VERSION}")
-    try:
-        tensors = load_file(w_path)
-    except Exception as e:   # safetensors raises its own error types on corrupt files
-        raise ValueError(f"cannot read {w_path}: {e}") from e
+    tensors = prompt_files.read_tensors(w_path)
     listed = {k: tuple(v) for k, v in meta.get("tensors", {}).items()}
     if listed != {k: tuple(v.shape) for k, v in tensors.items()}:
         raise ValueError(f"{w_path} does not hold the tensors {cfg_path} lists")
