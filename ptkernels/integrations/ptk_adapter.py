@@ -17,7 +17,6 @@ restore). Everything is checked before anything is written; on error the model i
 """
 from __future__ import annotations
 
-
 import torch
 
 from ptkernels.integrations import prompt_files
