@@ -161,6 +161,13 @@ def train_trainer(out_file: str, tmp_dir: str) -> None:
     trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(prompt_state(model), out_file)
+    # Tear the gloo group down before the interpreter exits: left to the atexit/GC order, its
+    # worker threads can be destroyed while joinable ("terminate called without an active
+    # exception", SIGABRT after a successful run; seen once in CI).
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
