@@ -1,4 +1,4 @@
-// CUDA implementations of ptk::gpc_cell_fwd / ptk::gpc_cell_bwd: checks, allocation, GpcParams;
+// CUDA kernels of ptkernels::gpc_cell_fwd_cuda / _bwd_cuda (the public ops minus `backend`): checks, GpcParams;
 // the kernels are in csrc/kernels/gpc_cell*.cuh, the dispatch in gpc_cell_launch.cuh.
 // Lean headers only (no torch/extension.h).
 #include <ATen/core/Tensor.h>
@@ -126,7 +126,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gpc_cell_bwd_cuda(const Tensor& grad_
 }  // namespace
 }  // namespace ptk
 
-TORCH_LIBRARY_IMPL(ptk, CUDA, m) {
-  m.impl("gpc_cell_fwd", &ptk::gpc_cell_fwd_cuda);
-  m.impl("gpc_cell_bwd", &ptk::gpc_cell_bwd_cuda);
+// Kernels for the kernel entries ptkernels::<op>_cuda (schemas: ptkernels/ops/_kernel_entries.py).
+TORCH_LIBRARY_IMPL(ptkernels, CUDA, m) {
+  m.impl("gpc_cell_fwd_cuda", &ptk::gpc_cell_fwd_cuda);
+  m.impl("gpc_cell_bwd_cuda", &ptk::gpc_cell_bwd_cuda);
 }

@@ -1,4 +1,4 @@
-// CUDA implementations of ptk::prefix_attention_fwd / ptk::prefix_attention_bwd: argument checks,
+// CUDA kernels of ptkernels::prefix_attention_fwd_cuda / _bwd_cuda (the public ops minus `backend`): checks,
 // output allocation and the AttnParams block; the kernels are in csrc/kernels/prefix_attention_*.cuh.
 // Lean headers only (no torch/extension.h): this file compiles in ~30 s instead of ~3 min.
 #include <ATen/core/Tensor.h>
@@ -215,7 +215,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd_cuda(
 }  // namespace
 }  // namespace ptk
 
-TORCH_LIBRARY_IMPL(ptk, CUDA, m) {
-  m.impl("prefix_attention_fwd", &ptk::prefix_attention_fwd_cuda);
-  m.impl("prefix_attention_bwd", &ptk::prefix_attention_bwd_cuda);
+// Kernels for the kernel entries ptkernels::<op>_cuda (schemas: ptkernels/ops/_kernel_entries.py).
+TORCH_LIBRARY_IMPL(ptkernels, CUDA, m) {
+  m.impl("prefix_attention_fwd_cuda", &ptk::prefix_attention_fwd_cuda);
+  m.impl("prefix_attention_bwd_cuda", &ptk::prefix_attention_bwd_cuda);
 }

@@ -12,8 +12,9 @@ import os
 import platform
 import sys
 
-# A CUDA kernel registered in ptkernels._C shows up under this op (TORCH_LIBRARY_IMPL(ptk, CUDA, m)).
-CUDA_PROBE_OP = "ptk::prefix_attention_fwd"
+# ptkernels._C registers its CUDA kernels under the kernel entries ptkernels::<op>_cuda
+# (TORCH_LIBRARY_IMPL(ptkernels, CUDA, m)); their schemas come from ptkernels/ops/_kernel_entries.py.
+CUDA_PROBE_OP = "ptkernels::prefix_attention_fwd_cuda"
 DISPATCH_KEYS = ("CPU", "CUDA", "Meta")
 
 
@@ -28,6 +29,8 @@ def _native_library() -> dict:
     """Whether ptkernels._C imports, from where, and which dispatch keys its ops have kernels for."""
     import torch
 
+    import ptkernels  # noqa: F401  (defines the kernel entries the library registers kernels for)
+
     info = {"built": False, "path": None, "error": None, "ops": {}, "cuda_kernels": False}
     try:
         mod = importlib.import_module("ptkernels._C")
@@ -36,11 +39,11 @@ def _native_library() -> dict:
         return info
     info["built"] = True
     info["path"] = getattr(mod, "__file__", None)
-    # op name -> the dispatch keys it has kernels for (e.g. prefix_attention_fwd: Meta, CUDA)
+    # kernel entry -> the dispatch keys it has kernels for (e.g. prefix_attention_fwd_cuda: CUDA)
     info["ops"] = {
         name.split("::", 1)[1]: [key for key in DISPATCH_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
         for name in sorted(torch._C._dispatch_get_all_op_names())
-        if name.startswith("ptk::")
+        if name.startswith("ptkernels::") and name.endswith("_cuda")
     }
     info["cuda_kernels"] = "CUDA" in info["ops"].get(CUDA_PROBE_OP.split("::", 1)[1], [])
     return info
@@ -98,7 +101,7 @@ def _print_info(info: dict) -> None:
     if native["built"]:
         print(f"ptkernels._C: built ({native['path']})")
         for op, keys in native["ops"].items():
-            print(f"  torch.ops.ptk.{op}: kernels for {', '.join(keys) or 'no dispatch key'}")
+            print(f"  torch.ops.ptkernels.{op}: kernels for {', '.join(keys) or 'no dispatch key'}")
         print(f"CUDA kernels in ptkernels._C: {'yes' if native['cuda_kernels'] else 'no'}")
     else:
         print(f"ptkernels._C: not available ({native['error']})")

@@ -1,5 +1,7 @@
-"""The build and the `ptkernels` command: ptkernels._C registers the ptk:: op schemas with Meta kernels,
-`ptkernels info` reports the backends, and setup.py fails loudly instead of silently building nothing."""
+"""The build and the `ptkernels` command: one op namespace with one schema per op (the C++ library
+defines none; its CUDA kernels implement the kernel entries ptkernels::<op>_cuda, derived from the
+public ops), `ptkernels info` reports the backends, and setup.py fails loudly instead of silently
+building nothing."""
 
 import importlib.util
 import json
@@ -11,31 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import ptkernels  # noqa: F401  (defines the ops and their kernel entries)
+
 ROOT = Path(__file__).resolve().parents[1]
 
-SCHEMAS = {
-    "prefix_attention_fwd": (
-        "ptk::prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
-        "Tensor? prefix_index, Tensor? key_padding_mask, Tensor? attn_bias, Tensor? dropout_seed, bool causal, "
-        "int window, float softcap, float scale, float dropout_p) -> (Tensor out, Tensor lse)"
-    ),
-    "prefix_attention_bwd": (
-        "ptk::prefix_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-        "Tensor? prefix_k, Tensor? prefix_v, Tensor? prefix_index, Tensor? key_padding_mask, Tensor? attn_bias, "
-        "Tensor? dropout_seed, Tensor out, Tensor lse, bool causal, int window, float softcap, float scale, "
-        "float dropout_p, bool[5] output_mask) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, "
-        "Tensor dprefix_v)"
-    ),
-    "gpc_cell_fwd": (
-        "ptk::gpc_cell_fwd(Tensor update, Tensor state, Tensor weight, Tensor bias, str variant) "
-        "-> (Tensor new_state, Tensor preact)"
-    ),
-    "gpc_cell_bwd": (
-        "ptk::gpc_cell_bwd(Tensor grad_new_state, Tensor update, Tensor state, Tensor weight, Tensor bias, "
-        "Tensor preact, str variant, bool[4] output_mask) -> (Tensor grad_update, Tensor grad_state, "
-        "Tensor grad_weight, Tensor grad_bias)"
-    ),
-}
+PUBLIC_OPS = ("prefix_attention_fwd", "prefix_attention_bwd", "gpc_cell_fwd", "gpc_cell_bwd")
 
 
 def _env(**overrides):
@@ -62,16 +44,33 @@ def native():
     return importlib.import_module("ptkernels._C")
 
 
-def test_native_library_registers_the_op_schemas(native):
-    for name, schema in SCHEMAS.items():
-        op = getattr(torch.ops.ptk, name)
-        assert str(op.default._schema) == schema
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ptk::{name}", "Meta")
+def _arguments(schema) -> list[tuple[str, str, object]]:
+    return [(a.name, str(a.type), a.N) for a in schema.arguments]
+
+
+@pytest.mark.parametrize("name", PUBLIC_OPS)
+def test_kernel_entry_is_the_public_schema_without_backend(name):
+    public = getattr(torch.ops.ptkernels, name).default._schema
+    kernel = getattr(torch.ops.ptkernels, name + "_cuda").default._schema
+    assert _arguments(public)[-1][:2] == ("backend", "str")
+    assert _arguments(kernel) == _arguments(public)[:-1]
+    assert [str(r.type) for r in kernel.returns] == [str(r.type) for r in public.returns]
+
+
+def test_native_library_defines_no_schema_of_its_own(native):
+    # One namespace: nothing lives under the old ptk:: namespace, and every ptkernels:: op is
+    # a public op, its kernel entry, or the bias-gradient helper op.
+    names = torch._C._dispatch_get_all_op_names()
+    assert not [n for n in names if n.startswith("ptk::")]
+    ours = sorted(n.split("::", 1)[1] for n in names if n.startswith("ptkernels::"))
+    expected = set(PUBLIC_OPS) | {f"{n}_cuda" for n in PUBLIC_OPS}
+    assert expected <= set(ours), ours
 
 
 def test_cuda_kernel_probe_is_consistent(native):
     # With no .cu sources there can be no CUDA kernel; `ptkernels info` relies on this probe.
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("ptk::prefix_attention_fwd", "CUDA")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("ptkernels::prefix_attention_fwd_cuda", "CUDA")
+    assert ptkernels.HAS_CUDA_KERNELS == has_cuda
     if not list((ROOT / "csrc").glob("*.cu")):
         assert not has_cuda
     if torch.version.cuda is None:
@@ -83,15 +82,15 @@ def _meta(*shape, dtype=torch.float16):
 
 
 @pytest.mark.parametrize("prefix_shape", [None, (2, 3, 64), (4, 2, 3, 64)])
-def test_prefix_attention_meta_shapes(native, prefix_shape):
+def test_prefix_attention_meta_shapes(prefix_shape):
     q, k, v = _meta(4, 8, 5, 64, dtype=torch.bfloat16), _meta(4, 2, 7, 64, dtype=torch.bfloat16), _meta(4, 2, 7, 64, dtype=torch.bfloat16)
     pk = pv = None if prefix_shape is None else _meta(*prefix_shape, dtype=torch.bfloat16)
-    out, lse = torch.ops.ptk.prefix_attention_fwd(q, k, v, pk, pv, None, None, None, None, True, 0, 0.0, 0.125, 0.0)
+    out, lse = torch.ops.ptkernels.prefix_attention_fwd_cuda(q, k, v, pk, pv, None, None, None, None, True, 0, 0.0, 0.125, 0.0)
     assert (out.shape, out.dtype, out.device.type) == (q.shape, q.dtype, "meta")
     assert (lse.shape, lse.dtype) == ((4, 8, 5), torch.float32)
 
     def bwd(mask):
-        return torch.ops.ptk.prefix_attention_bwd(out, None, q, k, v, pk, pv, None, None, None, None, out, lse,
+        return torch.ops.ptkernels.prefix_attention_bwd_cuda(out, None, q, k, v, pk, pv, None, None, None, None, out, lse,
                                                   True, 0, 0.0, 0.125, 0.0, mask)
 
     grads = bwd([True] * 5)
@@ -105,38 +104,38 @@ def test_prefix_attention_meta_shapes(native, prefix_shape):
 
 
 @pytest.mark.parametrize("state_shape", [(4, 16), (2, 4, 16)])
-def test_gpc_cell_meta_shapes(native, state_shape):
+def test_gpc_cell_meta_shapes(state_shape):
     u, s, w, b = _meta(2, 4, 16), _meta(*state_shape), _meta(32, 32), _meta(32)
-    new_state, preact = torch.ops.ptk.gpc_cell_fwd(u, s, w, b, "lstm")
+    new_state, preact = torch.ops.ptkernels.gpc_cell_fwd_cuda(u, s, w, b, "lstm")
     assert (new_state.shape, new_state.dtype) == (u.shape, u.dtype)
     assert (preact.shape, preact.dtype) == ((2, 4, 32), torch.float32)
-    grads = torch.ops.ptk.gpc_cell_bwd(new_state, u, s, w, b, preact, "lstm", [True, True, True, True])
+    grads = torch.ops.ptkernels.gpc_cell_bwd_cuda(new_state, u, s, w, b, preact, "lstm", [True, True, True, True])
     assert [g.shape for g in grads] == [u.shape, s.shape, w.shape, b.shape]
-    grads = torch.ops.ptk.gpc_cell_bwd(new_state, u, s, w, b, preact, "lstm", [False, True, False, True])
+    grads = torch.ops.ptkernels.gpc_cell_bwd_cuda(new_state, u, s, w, b, preact, "lstm", [False, True, False, True])
     assert [g.numel() for g in grads] == [0, s.numel(), 0, b.numel()]
 
 
 @pytest.mark.parametrize("variant,gates", [("gru", 1), ("lstm", 2), ("reinject", 2), ("candidate", 3)])
-def test_gpc_cell_meta_preact_has_one_block_per_gate(native, variant, gates):
+def test_gpc_cell_meta_preact_has_one_block_per_gate(variant, gates):
     u, s = _meta(2, 4, 16), _meta(4, 16)
     w, b = _meta(32, 16 * gates), _meta(16 * gates)
-    _, preact = torch.ops.ptk.gpc_cell_fwd(u, s, w, b, variant)
+    _, preact = torch.ops.ptkernels.gpc_cell_fwd_cuda(u, s, w, b, variant)
     assert preact.shape == (2, 4, 16 * gates)
 
 
-def test_meta_kernels_trace_with_symbolic_shapes(native):
+def test_meta_kernels_trace_with_symbolic_shapes():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def attn(q, k, v):
-        return torch.ops.ptk.prefix_attention_fwd(q, k, v, None, None, None, None, None, None, False, 0, 0.0, 0.125, 0.0)
+        return torch.ops.ptkernels.prefix_attention_fwd_cuda(q, k, v, None, None, None, None, None, None, False, 0, 0.0, 0.125, 0.0)
 
     def gpc(u, s, w, b):
-        return torch.ops.ptk.gpc_cell_fwd(u, s, w, b, "lstm")
+        return torch.ops.ptkernels.gpc_cell_fwd_cuda(u, s, w, b, "lstm")
 
     graph = make_fx(attn, tracing_mode="symbolic")(torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8))
-    assert "ptk.prefix_attention_fwd" in graph.code
+    assert "ptkernels.prefix_attention_fwd_cuda" in graph.code
     graph = make_fx(gpc, tracing_mode="symbolic")(torch.randn(2, 3, 4), torch.randn(3, 4), torch.randn(8, 8), torch.randn(8))
-    assert "ptk.gpc_cell_fwd" in graph.code
+    assert "ptkernels.gpc_cell_fwd_cuda" in graph.code
 
 
 # ---- the ptkernels command ----------------------------------------------------------------------

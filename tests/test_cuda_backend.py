@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: availability rules, the ``torch.ops.ptk`` registrations of the built
+"""The ``cuda`` backend: availability rules, the ``torch.ops.ptkernels.*_cuda`` registrations of the built
 extension (CUDA kernels present, Meta/fake implementations usable), and, on a GPU, the real
 kernels against the float64 reference (``@pytest.mark.gpu``, skipped without CUDA)."""
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_extension_registers_cuda_kernels(op):
     has = cuda_backend.has_cuda_kernels(op)
     if not has and not _expects_cuda_kernels(ext):
         pytest.skip("ptkernels._C was built without CUDA kernels (CPU torch / no nvcc / stale build)")
-    assert has, f"ptkernels._C was built with CUDA but has no CUDA kernel for ptk::{op}_*"
+    assert has, f"ptkernels._C was built with CUDA but has no CUDA kernel for ptkernels::{op}_*_cuda"
 
 
 def test_meta_implementations_give_shapes():
@@ -56,11 +56,11 @@ def test_meta_implementations_give_shapes():
     m = dict(device="meta", dtype=torch.float16)
     q, k, v = torch.empty(2, 4, 5, 16, **m), torch.empty(2, 2, 7, 16, **m), torch.empty(2, 2, 7, 16, **m)
     pk = torch.empty(1, 2, 3, 16, **m)
-    out, lse = torch.ops.ptk.prefix_attention_fwd(q, k, v, pk, pk, None, None, None, None, True,
+    out, lse = torch.ops.ptkernels.prefix_attention_fwd_cuda(q, k, v, pk, pk, None, None, None, None, True,
                                                   -1, 0.0, 0.25, 0.0)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (2, 4, 5) and lse.dtype == torch.float32
-    grads = torch.ops.ptk.prefix_attention_bwd(out, None, q, k, v, pk, pk, None, None, None, None,
+    grads = torch.ops.ptkernels.prefix_attention_bwd_cuda(out, None, q, k, v, pk, pk, None, None, None, None,
                                                out, lse, True, -1, 0.0, 0.25, 0.0,
                                                [False, False, False, True, True])
     assert [g.numel() for g in grads[:3]] == [0, 0, 0]
@@ -106,7 +106,7 @@ def test_gpu_dropout_is_rejected_by_the_op_and_routed_by_the_backend():
     k = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.float16)
     seed = torch.tensor([5])
     with pytest.raises(RuntimeError, match="dropout"):
-        torch.ops.ptk.prefix_attention_fwd(q, k, k, None, None, None, None, None, seed, False, -1,
+        torch.ops.ptkernels.prefix_attention_fwd_cuda(q, k, k, None, None, None, None, None, seed, False, -1,
                                            0.0, 0.25, 0.1)
     out, lse = cuda_backend.prefix_attention_fwd(q, k, k, None, None, None, None, None, seed,
                                                  False, -1, 0.0, 0.25, 0.1)

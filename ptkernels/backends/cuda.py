@@ -1,12 +1,13 @@
-"""CUDA backend: the kernels of ``ptkernels._C`` (csrc/), called as ``torch.ops.ptk.*``.
+"""CUDA backend: the kernels of ``ptkernels._C`` (csrc/), called as ``torch.ops.ptkernels.*_cuda``.
 
-``ptkernels._C`` registers the op schemas (csrc/ops.cpp) and, when it was built with nvcc and a
-CUDA build of torch, their CUDA implementations (csrc/*.cu over the torch-free kernels in
-csrc/kernels/). An op is available when its CUDA kernels are registered and the device is a CUDA
-GPU of compute capability 8.0 or newer.
+``ptkernels._C``, when built with nvcc and a CUDA build of torch, registers CUDA kernels (csrc/*.cu
+over the torch-free kernels in csrc/kernels/) for the kernel entries ``ptkernels::<op>_cuda``. Their
+schemas are defined in Python, derived from the public ops (``ptkernels/ops/_kernel_entries.py``);
+the library itself defines no schema. An op is available when its CUDA kernels are registered
+and the device is a CUDA GPU of compute capability 8.0 or newer.
 
 Dropout: the CUDA attention kernels do not implement it (their random stream would have to match
-the Triton backend's bit for bit) and ``torch.ops.ptk.prefix_attention_*`` reject
+the Triton backend's bit for bit) and ``torch.ops.ptkernels.prefix_attention_*_cuda`` reject
 ``dropout_p > 0``. This module routes such calls, forward and backward alike, to the next backend
 that can run them (triton when it is available on the device, else eager), so a dropout call
 never fails here and its forward and backward always use the same mask.
@@ -26,7 +27,7 @@ _OPS = {
 
 _ext_error: str | None = None
 try:
-    import ptkernels._C  # noqa: F401  (registers torch.ops.ptk.*)
+    import ptkernels._C  # noqa: F401  (registers CUDA kernels for torch.ops.ptkernels.*_cuda)
 except ImportError as exc:  # not built (pure-Python install) or built for another torch
     _ext_error = repr(exc)
 
@@ -35,7 +36,7 @@ def has_cuda_kernels(op: str) -> bool:
     """Whether ``ptkernels._C`` registered CUDA implementations for both passes of ``op``."""
     if _ext_error is not None:
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ptk::{name}", "CUDA")
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ptkernels::{name}_cuda", "CUDA")
                for name in _OPS[op])
 
 
@@ -68,7 +69,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         return _dropout_backend(q.device).prefix_attention_fwd(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias, dropout_seed,
             causal, window, softcap, scale, dropout_p)
-    out, lse = torch.ops.ptk.prefix_attention_fwd(
+    out, lse = torch.ops.ptkernels.prefix_attention_fwd_cuda(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias, dropout_seed,
         causal, window, softcap, scale, dropout_p)
     return out, lse
@@ -82,17 +83,17 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
             grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
             attn_bias, dropout_seed, out, lse, causal, window, softcap, scale, dropout_p,
             output_mask)
-    return tuple(torch.ops.ptk.prefix_attention_bwd(
+    return tuple(torch.ops.ptkernels.prefix_attention_bwd_cuda(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         attn_bias, dropout_seed, out, lse, causal, window, softcap, scale, dropout_p,
         [bool(x) for x in output_mask]))
 
 
 def gpc_cell_fwd(update, state, weight, bias, variant):
-    new_state, preact = torch.ops.ptk.gpc_cell_fwd(update, state, weight, bias, variant)
+    new_state, preact = torch.ops.ptkernels.gpc_cell_fwd_cuda(update, state, weight, bias, variant)
     return new_state, preact
 
 
 def gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact, variant, output_mask):
-    return tuple(torch.ops.ptk.gpc_cell_bwd(grad_new_state, update, state, weight, bias, preact,
+    return tuple(torch.ops.ptkernels.gpc_cell_bwd_cuda(grad_new_state, update, state, weight, bias, preact,
                                             variant, [bool(x) for x in output_mask]))

@@ -10,6 +10,7 @@ import torch
 
 from ptkernels import backends
 from ptkernels.backends.eager_gpc import num_gates
+from ptkernels.ops._kernel_entries import define_kernel_entry
 from ptkernels.ops._validate import require_float, require_same, require_tensor, shape_str
 
 
@@ -59,6 +60,10 @@ def _backward(ctx, grad_new_state, grad_preact):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+# The CUDA library's kernel entries: the same schemas without ``backend`` (see _kernel_entries).
+FWD_KERNEL = define_kernel_entry(_fwd_op, _fwd_fake)
+BWD_KERNEL = define_kernel_entry(_bwd_op, _bwd_fake)
 
 
 def gpc_cell(update, state, weight, bias, *, variant="lstm", backend="auto"):

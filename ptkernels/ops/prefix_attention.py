@@ -8,7 +8,9 @@ breaks (their fake implementations give the output shapes):
   needs comes back as an empty tensor and is never computed.
 
 Both take a ``backend`` string resolved by ``ptkernels.backends.resolve`` before the call. The
-normalized arguments every backend receives:
+CUDA library implements ``ptkernels::prefix_attention_fwd_cuda`` / ``_bwd_cuda``, the same
+schemas without ``backend`` (derived in ``_kernel_entries``). The normalized arguments every
+backend receives:
 
 * ``prefix_k``/``prefix_v``: None (no prefix) or (T, Hkv, P, D) with P >= 1; ``prefix_index``
   None (T == 1: shared by the batch; T == B: one per row) or int64 (B,) (bank).
@@ -27,6 +29,7 @@ import torch
 
 from ptkernels import backends
 from ptkernels.ops._bias_grad import bias_grad
+from ptkernels.ops._kernel_entries import define_kernel_entry
 from ptkernels.ops._validate import (require_float, require_same, require_shape, require_tensor,
                                      shape_str)
 
@@ -117,6 +120,10 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+# The CUDA library's kernel entries: the same schemas without ``backend`` (see _kernel_entries).
+FWD_KERNEL = define_kernel_entry(_fwd_op, _fwd_fake)
+BWD_KERNEL = define_kernel_entry(_bwd_op, _bwd_fake)
 
 
 # ----------------------------------------------------------------------------------------------
