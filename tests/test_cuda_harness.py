@@ -276,3 +276,22 @@ def test_prefix_gradient_split_fills_the_gpu(lib, sms):
     assert splits(1, 1, 1, 10, 32, 1, 1)[0] == 1           # one (row, head, query tile) item
     assert splits(8, 32, 8, 2048, 32, 1, 1)[1] >= 2 * sms   # GQA
     assert splits(8, 32, 32, 2048, 32, 8, 2)[1] >= 2 * sms  # per-row prefixes (T = B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("nq", [5, 1], ids=["main", "decode"])
+def test_nan_in_one_query_row_stays_in_that_row(backend, dtype, nq):
+    """As the op documents it: the corrupted query row's output is NaN, every other row equals
+    the clean run (fmaxf drops NaN, so a kernel could silently read the row as "no key")."""
+    import ptkernels
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, nq, 64, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 9, 64, generator=g).to(dtype) for _ in range(2))
+    pk = torch.randn(2, 3, 64, generator=g).to(dtype)
+    clean = ptkernels.prefix_attention(q, k, v, pk, pk, causal=True, backend=NAME)
+    q[1, 2, nq - 1, 0] = float("nan")
+    out = ptkernels.prefix_attention(q, k, v, pk, pk, causal=True, backend=NAME)
+    row = torch.zeros(out.shape[:-1], dtype=torch.bool)
+    row[1, 2, nq - 1] = True
+    assert torch.equal(out[~row], clean[~row])
+    assert bool(torch.isnan(out[1, 2, nq - 1]).all())

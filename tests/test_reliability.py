@@ -141,18 +141,21 @@ def test_no_keys_at_all_gives_zeros():
     assert torch.equal(ptkernels.prefix_attention(q, k, k), torch.zeros(2, 4, 3, 8))
 
 
-def test_nan_in_one_query_row_stays_in_that_row():
-    """Documented: every other row is bit-identical to the clean run; the NaN row itself comes
-    back NaN (reference math) or 0 (the eager fast path treats a row with no finite score like a
-    row that sees no key)."""
-    kw = attn_args()
-    kw["q"][1, 2, 3, 0] = float("nan")
-    out = ptkernels.prefix_attention(**kw)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_in_one_query_row_stays_in_that_row(bad, prefix, causal):
+    """Documented: every other row is bit-identical to the clean run; the corrupted row itself
+    comes back NaN, output and lse (torch's CPU flash kernel alone would return 0 there)."""
+    over = dict(causal=causal) if prefix else dict(causal=causal, prefix_k=None, prefix_v=None)
+    kw = attn_args(**over)
+    kw["q"][1, 2, 3, 0] = bad
+    out, lse = ptkernels.prefix_attention(**kw, return_lse=True)
     row = torch.zeros(out.shape[:-1], dtype=torch.bool)
     row[1, 2, 3] = True
-    ref = ptkernels.prefix_attention(**attn_args())
-    assert torch.equal(out[~row], ref[~row])
-    assert bool(torch.isnan(out[1, 2, 3]).all()) or bool((out[1, 2, 3] == 0).all())
+    ref, ref_lse = ptkernels.prefix_attention(**attn_args(**over), return_lse=True)
+    assert torch.equal(out[~row], ref[~row]) and torch.equal(lse[~row], ref_lse[~row])
+    assert bool(torch.isnan(out[1, 2, 3]).all()) and bool(torch.isnan(lse[1, 2, 3]))
 
 
 # ----------------------------------------------------------------------------------------------

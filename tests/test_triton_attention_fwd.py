@@ -173,3 +173,23 @@ def test_gpu_timing():
     flops = 4 * case.b * case.hq * case.d * (case.nq * case.p + case.nq * (case.nq + 1) / 2)
     print(f"\ntriton fwd bf16 {case.id()}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
     assert ms > 0
+
+
+@pytest.mark.parametrize("nq", [5, 1], ids=["main", "decode"])
+def test_nan_in_one_query_row_stays_in_that_row(nq):
+    """As the eager op documents it: the corrupted query row's output is NaN (its lse NaN or
+    -inf), every other row equals the clean run."""
+    import ptkernels
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, nq, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(2, 2, 7, 16, generator=g).to(DEVICE) for _ in range(2))
+    pk = torch.randn(2, 3, 16, generator=g).to(DEVICE)
+    clean = ptkernels.prefix_attention(q, k, v, pk, pk, causal=True, backend="triton")
+    q[1, 2, nq - 1, 0] = float("nan")
+    out, lse = ptkernels.prefix_attention(q, k, v, pk, pk, causal=True, return_lse=True,
+                                          backend="triton")
+    row = torch.zeros(out.shape[:-1], dtype=torch.bool, device=DEVICE)
+    row[1, 2, nq - 1] = True
+    assert torch.equal(out[~row], clean[~row])
+    assert bool(torch.isnan(out[1, 2, nq - 1]).all())
+    assert bool(torch.isnan(lse[1, 2, nq - 1]) | torch.isneginf(lse[1, 2, nq - 1]))

@@ -410,7 +410,23 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         lse = torch.full(q.shape[:-1], -math.inf, dtype=geo.acc, device=q.device)
     if geo.p == 0:  # only then can a row see no key at all; its output must be 0, never NaN
         out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    out, lse = out.to(q.dtype).contiguous(), lse.contiguous()
+    if geo.flash:
+        _keep_nonfinite_query_rows_(q, out, lse)
+    return out, lse
+
+
+def _keep_nonfinite_query_rows_(q, out, lse):
+    """torch's CPU flash kernel returns 0 (lse 0) for a query row holding a NaN or inf, where the
+    math (and the reference, and the GPU kernels) give NaN. Put the NaN back in that row only,
+    so a corrupted activation is seen instead of silently read as "attends to nothing".
+    One float32 row sum over q (a sum is non-finite iff an element is; float32 so that large
+    finite fp16/bf16 values do not overflow into a false alarm)."""
+    bad = ~torch.isfinite(q.sum(-1, dtype=torch.float64 if q.dtype == torch.float64
+                                else torch.float32))
+    if bool(bad.any()):
+        out.masked_fill_(bad.unsqueeze(-1), math.nan)
+        lse.masked_fill_(bad, math.nan)
 
 
 def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index,

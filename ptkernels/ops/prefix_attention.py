@@ -260,10 +260,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, prefix_index=None
 
     Returns:
         out (B, Hq, Nq, D) in q's dtype, and lse if ``return_lse``. B == 0 or Nq == 0 gives
-        empty results. A NaN in query row i stays in row i: every other row is unaffected;
-        row i comes back NaN (reference math) or 0 (the eager fast path treats a row without a
-        finite score like a row that sees no key). A NaN in a key or value reaches every row
-        that sees that key.
+        empty results. A NaN (or inf) in query row i stays in row i: row i's output comes
+        back NaN on every backend (its lse NaN on eager, NaN or -inf on the kernels), every
+        other row is unaffected. A NaN in a key or value reaches every row that sees that key.
     """
     require_tensor("q", q, 4, "(B, Hq, Nq, D)")
     require_tensor("k", k, 4, "(B, Hkv, Nk, D)")
