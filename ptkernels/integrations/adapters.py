@@ -253,20 +253,8 @@ def load_prompts(model, directory) -> None:
         want = tuple(module.prompts.shape[1:])
         if tuple(emb.shape) != want:
             raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected {want}")
-    # only the prompt and the trainable task heads are ever written, never a frozen base weight
-    params = dict(model.named_parameters())
-    head_tensors = {}
-    for key, value in tensors.items():
-        if key == "prompt_embeddings":
-            continue
-        name = key[len("base_model."):] if key.startswith("base_model.") else None
-        if name is None or name.split(".")[0] not in state.heads or name not in params:
-            raise ValueError(f"adapter tensor {key!r} is neither the prompt nor a parameter of a "
-                             f"trainable task head ({list(state.heads)}); refusing to write it")
-        if params[name].shape != value.shape:
-            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model's "
-                             f"{name} has {tuple(params[name].shape)}")
-        head_tensors[name] = value
+    head_tensors = prompt_files.head_tensors(model, state, tensors, "base_model.",
+                                             lambda key: key == "prompt_embeddings")
     # all checks passed: write
     with torch.no_grad():
         if module.kind == "prefix":
@@ -276,5 +264,5 @@ def load_prompts(model, directory) -> None:
             enc.set_kv(kv.to(spec.device), task=0)
         else:
             module.prompts[0].copy_(emb.to(module.prompts))
-        for name, value in head_tensors.items():
-            params[name].copy_(value.to(params[name]))
+        for param, value in head_tensors:
+            param.copy_(value.to(param))

@@ -134,3 +134,27 @@ def read_tensors(path: str) -> dict:
         return load_file(path)
     except Exception as e:   # safetensors raises its own error types on corrupt files
         raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def head_tensors(model, state, tensors: dict, head_prefix: str, prompt_keys) -> dict:
+    """The adapter's task-head tensors, checked: [(model parameter, tensor to copy into it)].
+
+    ``tensors``: the adapter file's tensors; keys in ``prompt_keys`` (a predicate) are the
+    prompts and are skipped. Every other key must be ``head_prefix`` + the name of a parameter of
+    a trainable task head with the same shape: only prompts and trainable heads are ever written,
+    never a frozen base weight.
+    """
+    params = dict(model.named_parameters())
+    heads = []
+    for key, value in tensors.items():
+        if prompt_keys(key):
+            continue
+        name = key[len(head_prefix):] if key.startswith(head_prefix) else None
+        if name is None or name.split(".")[0] not in state.heads or name not in params:
+            raise ValueError(f"adapter tensor {key!r} is neither a prompt nor a parameter of a "
+                             f"trainable task head ({list(state.heads)}); refusing to write it")
+        if params[name].shape != value.shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model's "
+                             f"{name} has {tuple(params[name].shape)}")
+        heads.append((params[name], value))
+    return heads

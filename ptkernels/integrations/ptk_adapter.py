@@ -98,21 +98,10 @@ def _load_into(model, state, config, meta, tensors, directory):
         if v.shape != mine[k].shape:
             raise ValueError(f"adapter tensor prompts.{k} has shape {tuple(v.shape)}, the module's "
                              f"has {tuple(mine[k].shape)}")
-    params = dict(model.named_parameters())
-    heads = {}
-    for key, value in tensors.items():
-        if key.startswith("prompts."):
-            continue
-        name = key[len("heads."):] if key.startswith("heads.") else None
-        if name is None or name.split(".")[0] not in state.heads or name not in params:
-            raise ValueError(f"adapter tensor {key!r} is neither a prompt nor a parameter of a "
-                             f"trainable task head ({list(state.heads)}); refusing to write it")
-        if params[name].shape != value.shape:
-            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model's "
-                             f"{name} has {tuple(params[name].shape)}")
-        heads[name] = value
+    heads = prompt_files.head_tensors(model, state, tensors, "heads.",
+                                      lambda key: key.startswith("prompts."))
     # all checks passed: write
     module.load_state_dict({k: v.to(mine[k].device) for k, v in saved.items()})
     with torch.no_grad():
-        for name, value in heads.items():
-            params[name].copy_(value.to(params[name]))
+        for param, value in heads:
+            param.copy_(value.to(param))

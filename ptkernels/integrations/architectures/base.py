@@ -87,16 +87,23 @@ class Call:
         return ref, compat.cache_length_of_call(self.got)
 
 
-def shift_arange(module, call: Call, p: int):
-    """Positions arange(n) + past + P (llama-style position_ids, BERT/GPT-2 absolute ones)."""
+def shift_positions(call: Call, p: int, positions):
+    """Shift the call's positions by the prefix length P: given ``position_ids`` + P, else
+    ``positions(call, ref, past, p)`` ((B or 1, n) ids, computed from the tokens ``ref`` and the
+    cache length ``past``). None when the call has neither ids nor tokens to count."""
     pos = call.got.get("position_ids")
     if pos is not None:
         return call.replace("position_ids", pos + p)
     ref, past = call.tokens()
     if ref is None:
         return None
-    pos = (torch.arange(ref.shape[1], device=ref.device) + past + p).unsqueeze(0)
-    return call.replace("position_ids", pos)
+    return call.replace("position_ids", positions(call, ref, past, p))
+
+
+def shift_arange(module, call: Call, p: int):
+    """Positions arange(n) + past + P (llama-style position_ids, BERT/GPT-2 absolute ones)."""
+    return shift_positions(call, p, lambda call, ref, past, p: (
+        torch.arange(ref.shape[1], device=ref.device) + past + p).unsqueeze(0))
 
 
 def base_model_hook(shift):

@@ -5,22 +5,20 @@ import torch
 
 from ptkernels.integrations.architectures.base import (Architecture, base_model_hook, gqa_heads,
                                                        learned_max_positions, mha_heads,
-                                                       no_max_positions, shift_arange)
+                                                       no_max_positions, shift_arange,
+                                                       shift_positions)
 
 
-def _opt_shift(module, call, p):
+def _opt_positions(call, ref, past, p):
     """OPT: positions are the cumulative sum of the mask (padding-aware) plus the prefix."""
-    pos = call.got.get("position_ids")
-    if pos is not None:
-        return call.replace("position_ids", pos + p)
-    ref, past = call.tokens()
-    if ref is None:
-        return None
     mask = call.got.get("attention_mask")
     if mask is None:
         mask = torch.ones(ref.shape[0], past + ref.shape[1], device=ref.device, dtype=torch.long)
-    pos = ((torch.cumsum(mask, dim=1) + p) * mask - 1).long()[:, past:]
-    return call.replace("position_ids", pos)
+    return ((torch.cumsum(mask, dim=1) + p) * mask - 1).long()[:, past:]
+
+
+def _opt_shift(module, call, p):
+    return shift_positions(call, p, _opt_positions)
 
 
 def _opt_hooks(model):
