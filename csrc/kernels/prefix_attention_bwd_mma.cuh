@@ -481,8 +481,12 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, 2) dq_mma_kernel(const 
 
 // How many shares the prefix-gradient work of each (key tile, kv head, prefix) is cut into: enough
 // blocks for about 2 per SM, at most one share per (batch row, head, query tile) item and 64.
-inline int prefix_grad_splits(const AttnParams& p, int num_sms, int block_keys = 64, int block_queries = 64) {
+// block_keys / block_queries 0: the tiles of the kernel that runs p (64 x 64 for D <= 128, the
+// 32-key / 16-query tiles of prefix_attention_bwd_mma_wide.cuh).
+inline int prefix_grad_splits(const AttnParams& p, int num_sms, int block_keys = 0, int block_queries = 0) {
   if (p.prefix_mode == kNoPrefix || p.P <= 0 || p.Nq <= 0) return 1;
+  if (block_keys <= 0) block_keys = p.D > 128 ? 32 : 64;
+  if (block_queries <= 0) block_queries = p.D > 128 ? 16 : 64;
   const int64_t base = static_cast<int64_t>((p.P + block_keys - 1) / block_keys) * p.Hkv * p.T;
   const int64_t rows = p.prefix_mode == kPerRow ? 1 : p.B;
   const int64_t items = rows * (p.Hq / p.Hkv) * ((p.Nq + block_queries - 1) / block_queries);
