@@ -244,18 +244,21 @@ def _gpc_grads(fn, inputs, grad):
     return out, gs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shared_state", [False, True], ids=["state-per-row", "state-shared"])
 @pytest.mark.parametrize("variant", ["lstm", "candidate", "gru", "reinject"])
 def test_gpc_cell_forward_and_backward(backend, variant, shared_state, dtype):
     """One fused GEMM + gating epilogue and its backward (dU, dS incl. the batch reduction of a
-    shared state, dW, db) against the float64 reference, with DESIGN.md's error rule."""
+    shared state, dW, db) against the float64 reference, with DESIGN.md's error rule. 16-bit
+    dtypes run every product on mma.sync; bfloat16 (d = 40) copies X = [U, S] and W with
+    cp.async, float16 (d = 36, not a multiple of 8) gathers them element-wise."""
     import ptkernels
     from attention_cases import ATOL, max_err
     from ptkernels.backends.eager_gpc import GATES, reference_gpc_cell
 
     gen = torch.Generator().manual_seed(11)
-    b, m, d = 3, 5, 40   # d not a multiple of the 32-column tile; 2d = 80 not of the K chunk
+    # d not a multiple of the 32-column tile; 2d not of the K chunk
+    b, m, d = 3, 5, (36 if dtype == torch.float16 else 40)
     n = GATES[variant]
     base = [torch.randn(b, m, d, generator=gen, dtype=torch.float64),
             torch.randn(*((m, d) if shared_state else (b, m, d)), generator=gen, dtype=torch.float64),
