@@ -20,7 +20,9 @@
 //     -> sdS; barrier; dQ_w[:, half h] += dS K[:, half h].
 // Shared memory (LD = 264 elements per row): dK/dV 2 x 32 rows (K, V) + 2 stages x 2 x 16 rows
 // (Q, dO) + 2 x 32 x 24 (sP, sdS) = 70656 B; dQ 2 x 32 rows (Q, dO) + 2 x 2 x 16 rows (K, V) +
-// 32 x 24 (sdS) = 69120 B: under sm_86's 99 KB, 2 blocks per SM on sm_80 (163 KB), 3 on sm_90.
+// 32 x 24 (sdS) = 69120 B: under sm_86's 99 KB. Static occupancy (benchmarks/results/
+// cuda_kernels_static.md): dK/dV 188 registers, 2 blocks per SM on sm_80 and sm_90; dQ 148
+// registers, 2 blocks on sm_80 (shared memory), 3 on sm_90. 0 spills.
 #pragma once
 
 #include "prefix_attention_bwd_mma.cuh"
