@@ -27,6 +27,12 @@
 
 #include "prefix_attention_bwd_mma.cuh"
 
+// Testing hook (tests/test_cuda_tensor_core_shim.py): the barrier between a warp pair's P / dS
+// stores and their ldmatrix reads is missing. Always 0 in the extension.
+#ifndef PTK_PLANT_NO_EXCHANGE_BARRIER
+#define PTK_PLANT_NO_EXCHANGE_BARRIER 0
+#endif
+
 namespace ptk {
 namespace bwd_wide {
 
@@ -209,7 +215,9 @@ __global__ void __launch_bounds__(Cfg<T>::THREADS, 2) dkdv_wide_kernel(const Att
     }
     store_frag<T>(sP + kw * 16 * C::LDP, s, half * 8, lane);
     store_frag<T>(sdS + kw * 16 * C::LDP, dp, half * 8, lane);
+#if !PTK_PLANT_NO_EXCHANGE_BARRIER
     __syncthreads();  // the pair's two halves of P^T / dS^T are in place
+#endif
 
     // dV_w += P^T dO[:, half], dK_w += dS^T Q[:, half]: A from sP / sdS, B through ldmatrix.trans
     uint32_t pa[4], da[4];
@@ -369,7 +377,9 @@ __global__ void __launch_bounds__(Cfg<T>::THREADS, 2) dq_wide_kernel(const AttnP
       s[e] = pr * (dpv[e] - delta[r]) * lg.dcap * p.scale;  // dS
     }
     store_frag<T>(sdS + qw * 16 * C::LDP, s, half * 8, lane);
+#if !PTK_PLANT_NO_EXCHANGE_BARRIER
     __syncthreads();  // both halves of the pair's dS are in place
+#endif
 
     uint32_t da[4];
     tc::ldmatrix_x4(da, sdS + (qw * 16 + lane % 16) * C::LDP + (lane / 16) * 8);
