@@ -60,13 +60,14 @@ def _geometry(demangled, configs):
     for frag, threads in STATIC_THREADS.items():
         if f"::{frag}<" in demangled:
             return threads, 0
-    m = re.search(r"<([^,<>]+), (\d+)", demangled)
+    # <dtype, DMAX, ...>; kernels of one head-dim bucket (the D = 256 *_wide_kernel) have no DMAX
+    m = re.search(r"<([^,<>]+)(?:, (\d+))?", demangled)
     if not m:
         return None, 0
     eb = 4 if m.group(1) == "float" else 2
-    dmax = int(m.group(2))
+    dmax = int(m.group(2)) if m.group(2) else None
     for (frag, d, b), geo in configs.items():
-        if d == dmax and b == eb and frag in demangled:
+        if (dmax is None or d == dmax) and b == eb and frag in demangled:
             return geo
     return None, 0
 

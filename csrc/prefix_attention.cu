@@ -186,10 +186,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd_cuda(
   p.dv = need_dv ? dv.data_ptr() : nullptr;
   p.dprefix_k = need_dpk ? dpk.data_ptr() : nullptr;
   p.dprefix_v = need_dpv ? dpv.data_ptr() : nullptr;
-  // The tensor-core backward (16-bit, D <= 128) cuts the prefix-gradient work into shares that
-  // fill the device (about 2 blocks per SM); the fp32 partials are reduced in a fixed order.
+  // The tensor-core backward (16-bit) cuts the prefix-gradient work into shares that fill the
+  // device (about 2 blocks per SM); the fp32 partials are reduced in a fixed order.
   Tensor part_dpk, part_dpv;
-  if (!empty_problem && (need_dpk || need_dpv) && q.scalar_type() != at::kFloat && p.D <= 128) {
+  if (!empty_problem && (need_dpk || need_dpv) && q.scalar_type() != at::kFloat) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
     p.prefix_splits = prefix_grad_splits(p, sms);

@@ -110,12 +110,16 @@ def sass_by_kernel(obj: Path) -> dict:
     return {k: "\n".join(v) for k, v in kernels.items()}
 
 
-# The FlashAttention-2-style attention kernels (mma_sm80.cuh) and the instructions each must
-# contain; the GPC cell's tensor-core GEMM (operands gathered synchronously) needs HMMA and LDSM.
-MMA_KERNEL = re.compile(r"(fwd|dq|dkdv)_mma_kernel")
+# The FlashAttention-2-style attention kernels (mma_sm80.cuh; the backward's D = 256 bucket is
+# the *_wide_kernel) and the instructions each must contain. The GPC cell's tensor-core GEMMs all
+# need HMMA and LDSM; the forward's (X = [U, S] and W operands) also cp.async (LDGSTS), while the
+# backward's read the fp32 dA and gather it element-wise.
+MMA_KERNEL = re.compile(r"(fwd|dq|dkdv)_(mma|wide)_kernel")
 MMA_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 GEMM_MMA_KERNEL = re.compile(r"gemm_mma_kernel")
 GEMM_MMA_OPCODES = ("HMMA", "LDSM")
+GEMM_FWD_OPERAND = re.compile(r"gpc::XOperand<")
+GEMM_MMA_FWD_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
 def _compile(unit, arch, tmp):
@@ -154,17 +158,16 @@ def test_every_kernel_compiles_without_spills(tmp_path):
         # float32: CUDA-core forward (3 buckets) + backward (3 buckets x dq, dk/dv, dprefix);
         # the CUDA-core split-K forward + merge for every dtype; delta kernels
         assert len(kernels) >= 39, f"sm_{arch}: only {len(kernels)} kernels compiled"
-        # float16 / bfloat16 backward at D = 256 on WMMA: 2 dtypes x (dQ, dK/dV, dprefix)
-        n_tc_bwd = sum("bwd_tc" in names[k] for k in kernels)
-        assert n_tc_bwd == 6, f"sm_{arch}: {n_tc_bwd} WMMA backward kernels, expected 6"
         assert all(table[(k, f'sm_{arch}')]["regs"] <= 255 for k in kernels)
         # mma.sync: forward 2 dtypes x 3 buckets x (per head, packed GQA decode); backward
-        # 2 dtypes x 2 buckets x (dQ, dK/dV, dprefix)
+        # 2 dtypes x 3 buckets x (dQ, dK/dV, dprefix), the D = 256 bucket as the *_wide_kernel
         n_mma = sum(bool(MMA_KERNEL.search(k)) for k in kernels)
-        assert n_mma == 24, f"sm_{arch}: {n_mma} mma.sync kernels, expected 24"
-        # GPC forward GEMM on mma.sync: 2 dtypes x 4 variants
+        assert n_mma == 30, f"sm_{arch}: {n_mma} mma.sync kernels, expected 30"
+        n_wide = sum("_wide_kernel" in k for k in kernels)
+        assert n_wide == 6, f"sm_{arch}: {n_wide} D = 256 backward kernels, expected 6"
+        # GPC GEMMs on mma.sync: 2 dtypes x (4 forward variants + backward dX, dW)
         n_gemm = sum(bool(GEMM_MMA_KERNEL.search(k)) for k in kernels)
-        assert n_gemm == 8, f"sm_{arch}: {n_gemm} mma.sync GPC GEMM kernels, expected 8"
+        assert n_gemm == 12, f"sm_{arch}: {n_gemm} mma.sync GPC GEMM kernels, expected 12"
     if _cuobjdump() is None:
         # CI builds the CUDA kernels (PTKERNELS_BUILD_CUDA=1): there the SASS check must run
         if os.environ.get("PTKERNELS_BUILD_CUDA") == "1":
@@ -174,6 +177,8 @@ def test_every_kernel_compiles_without_spills(tmp_path):
         for arch in ARCHS:
             for kernel, sass in sass_by_kernel(tmp_path / f"{unit}.sm_{arch}.o").items():
                 need = (MMA_OPCODES if MMA_KERNEL.search(kernel)
+                        else GEMM_MMA_FWD_OPCODES if GEMM_MMA_KERNEL.search(kernel)
+                        and GEMM_FWD_OPERAND.search(names.get(kernel, ""))
                         else GEMM_MMA_OPCODES if GEMM_MMA_KERNEL.search(kernel) else ())
                 missing = [op for op in need if not re.search(rf"\b{op}\b", sass)]
                 assert not missing, f"{names.get(kernel, kernel)} sm_{arch}: SASS lacks {missing}"

@@ -76,12 +76,12 @@ TC_CASES = [CORE_CASES[i] for i in (3, 4, 10, 11, 14, 15, 19, 23)] + [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TC_CASES, ids=[c.id() for c in TC_CASES])
 def test_tensor_core_forward_cases(backend, case, dtype):
-    """float16 / bfloat16 take the WMMA forward (fragments emulated by the shim): prefix forms,
+    """float16 / bfloat16 take the mma.sync forward (fragments emulated by the shim): prefix forms,
     padding, empty rows, window, softcap + bias; the backward runs on the same inputs."""
     check_against_reference(case, dtype, backend=NAME, seed=3)
 
 
-# The float16 / bfloat16 backward runs on tensor cores (prefix_attention_bwd_wmma.cuh): dQ, the
+# The float16 / bfloat16 backward runs on tensor cores (prefix_attention_bwd_mma.cuh): dQ, the
 # sequence dK/dV and the batch-reduced prefix gradients, with tails in every tile dimension (keys
 # and queries not multiples of 16/32, D not a multiple of 16) and every masking feature.
 TC_BWD_CASES = [CORE_CASES[i] for i in (4, 5, 12, 16, 17, 22)] + [
@@ -94,9 +94,28 @@ TC_BWD_CASES = [CORE_CASES[i] for i in (4, 5, 12, 16, 17, 22)] + [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TC_BWD_CASES, ids=[c.id() for c in TC_BWD_CASES])
 def test_tensor_core_backward_cases(backend, case, dtype):
-    """All five gradients from the WMMA backward kernels against the float64 reference (3x the
-    eager same-dtype error + atol)."""
+    """All five gradients from the mma.sync backward kernels against the float64 reference (3x
+    the eager same-dtype error + atol)."""
     check_against_reference(case, dtype, backend=NAME, seed=7)
+
+
+# The head-dim bucket 256 (prefix_attention_bwd_mma_wide.cuh: warp pairs split the head dim and
+# exchange P / dS through shared memory): D = 256 exactly, D = 200 (the second half-row partly
+# zero-padded), D = 136 (the second half owns one 16-column step); key and query tails against the
+# 32-key / 16-query tiles, prefix splits, GQA, every masking feature.
+TC_WIDE_BWD_CASES = [
+    Case(nq=37, nk=45, p=20, d=256, causal=True, padding="left"),
+    Case(nq=21, nk=19, p=40, d=200, b=3, t=2, hq=4, hkv=2, form="bank", causal=True, window=7,
+         softcap=4.0),
+    Case(nq=19, nk=33, p=9, d=136, hq=2, hkv=1, form="per_row", bias="heads", padding="right")]
+
+
+@pytest.mark.parametrize("case,dtype", list(zip(TC_WIDE_BWD_CASES, [torch.bfloat16, torch.float16, torch.bfloat16])),
+                         ids=[c.id() for c in TC_WIDE_BWD_CASES])
+def test_tensor_core_backward_head_dim_256(backend, case, dtype):
+    """All five gradients of the D = 256 bucket's mma.sync backward against the float64 reference
+    (one dtype per case: each emulated D = 256 run takes ~20 s on one core)."""
+    check_against_reference(case, dtype, backend=NAME, seed=9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -225,18 +244,21 @@ def _gpc_grads(fn, inputs, grad):
     return out, gs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shared_state", [False, True], ids=["state-per-row", "state-shared"])
 @pytest.mark.parametrize("variant", ["lstm", "candidate", "gru", "reinject"])
 def test_gpc_cell_forward_and_backward(backend, variant, shared_state, dtype):
     """One fused GEMM + gating epilogue and its backward (dU, dS incl. the batch reduction of a
-    shared state, dW, db) against the float64 reference, with DESIGN.md's error rule."""
+    shared state, dW, db) against the float64 reference, with DESIGN.md's error rule. 16-bit
+    dtypes run every product on mma.sync; bfloat16 (d = 40) copies X = [U, S] and W with
+    cp.async, float16 (d = 36, not a multiple of 8) gathers them element-wise."""
     import ptkernels
     from attention_cases import ATOL, max_err
     from ptkernels.backends.eager_gpc import GATES, reference_gpc_cell
 
     gen = torch.Generator().manual_seed(11)
-    b, m, d = 3, 5, 40   # d not a multiple of the 32-column tile; 2d = 80 not of the K chunk
+    # d not a multiple of the 32-column tile; 2d not of the K chunk
+    b, m, d = 3, 5, (36 if dtype == torch.float16 else 40)
     n = GATES[variant]
     base = [torch.randn(b, m, d, generator=gen, dtype=torch.float64),
             torch.randn(*((m, d) if shared_state else (b, m, d)), generator=gen, dtype=torch.float64),

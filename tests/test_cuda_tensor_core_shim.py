@@ -8,7 +8,9 @@ to catch.
 * Planted bugs in the real FlashAttention-2 forward (prefix_attention_fwd_mma.cuh), each built as
   its own harness variant: a swapped P fragment register (wrong output), a missing
   ``cp.async.wait_group`` and a missing barrier before a K/V stage is refilled (both reported as
-  shared-memory hazards by the shim's epoch tracking, whatever order the host threads run in).
+  shared-memory hazards by the shim's epoch tracking, whatever order the host threads run in);
+  and in the D = 256 backward (prefix_attention_bwd_mma_wide.cuh) a missing barrier between the
+  P / dS stores of a warp pair and their reads.
 """
 from __future__ import annotations
 
@@ -121,3 +123,12 @@ def test_planted_missing_stage_reuse_barrier_is_caught(monkeypatch):
     _register(monkeypatch, _build("PTK_PLANT_NO_REUSE_BARRIER=1"))
     with pytest.raises(RuntimeError, match="missing barrier before reusing a stage's buffer"):
         check_against_reference(PIPELINE_CASE, torch.float16, backend=NAME, seed=1, grad_for=("__forward_only__",))
+
+
+def test_planted_missing_exchange_barrier_is_caught(monkeypatch):
+    """The D = 256 backward hands P / dS between the two warps of a pair through shared memory;
+    without the barrier between the stores and the ldmatrix reads the shim reports the hazard."""
+    _register(monkeypatch, _build("PTK_PLANT_NO_EXCHANGE_BARRIER=1"))
+    with pytest.raises(RuntimeError, match="written since the last __syncthreads"):
+        check_against_reference(Case(nq=9, nk=11, p=5, d=136, hq=2, hkv=1), torch.float16, backend=NAME,
+                                seed=1)

@@ -15,7 +15,7 @@ using ptk_stream_t = void*;
 using ptk_stream_t = cudaStream_t;
 #define PTK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define PTK_DYNAMIC_SMEM(type, name)                     \
-  extern __shared__ __align__(128) unsigned char ptk_dynamic_smem_[]; /* WMMA needs >= 32 B */ \
+  extern __shared__ __align__(128) unsigned char ptk_dynamic_smem_[]; /* ldmatrix / cp.async need 16 B */ \
   type* name = reinterpret_cast<type*>(ptk_dynamic_smem_)
 #endif
 

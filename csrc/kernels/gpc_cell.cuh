@@ -14,8 +14,8 @@
 //   forward   : a = X W (+ bias, gating epilogue, preact written in float32)
 //   backward  : dX = dA W^T (+ the direct terms), dW = X^T dA, db = 1^T dA
 // Reductions over the batch (dW, db, a shared state's gradient) loop inside a block: no atomics.
-// float16 / bfloat16 forwards run the same epilogue on an mma.sync GEMM (gpc_cell_mma.cuh);
-// gpc_cell_launch.cuh dispatches.
+// float16 / bfloat16 run the forward (same epilogue) and the backward's dX / dW products on an
+// mma.sync GEMM (gpc_cell_mma.cuh); gpc_cell_launch.cuh dispatches.
 #pragma once
 
 #include "common.cuh"
@@ -128,10 +128,19 @@ struct XOperand {  // X = [U, S] (M, 2d)
   __device__ float operator()(const GpcParams& p, int row, int k) const {
     return k < p.d ? load_u<T>(p, row, k) : load_s<T>(p, row, k - p.d);
   }
+  // &X[row, k] in U or S (unit column stride: the tensor-core GEMM's vector copies)
+  __device__ const T* ptr(const GpcParams& p, int row, int k) const {
+    const int b = row / p.m, i = row % p.m;
+    return k < p.d ? static_cast<const T*>(p.update) + b * p.update_stride[0] + i * p.update_stride[1] + k
+                   : static_cast<const T*>(p.state) + b * p.state_stride[0] + i * p.state_stride[1] + (k - p.d);
+  }
 };
 template <typename T>
 struct WOperand {  // W[k, g*d + n]
   __device__ float operator()(const GpcParams& p, int k, int g, int n) const { return load_w<T>(p, k, g * p.d + n); }
+  __device__ const T* ptr(const GpcParams& p, int k, int g, int n) const {
+    return static_cast<const T*>(p.weight) + k * p.weight_stride[0] + (g * p.d + n);
+  }
 };
 
 template <typename T, int VARIANT>
@@ -287,22 +296,30 @@ inline void fwd_variant(const GpcParams& p, ptk_stream_t stream) {
 }
 
 template <typename T, int VARIANT>
+inline void launch_gate_backward(const GpcParams& p, ptk_stream_t stream) {
+  auto kernel = gate_backward_kernel<T, VARIANT>;
+  const int64_t total = static_cast<int64_t>(p.B) * p.m * p.d;
+  PTK_LAUNCH(kernel, dim3(static_cast<unsigned>((total + 127) / 128)), dim3(128), 0, stream, p);
+}
+
+// A shared state's gradient: the per-row dS (left in p.gs by DXEpilogue) summed over the batch.
+template <typename T>
+inline void launch_state_reduce(const GpcParams& p, ptk_stream_t stream) {
+  if (!(p.shared_state && p.grad_state)) return;
+  auto kernel = state_reduce_kernel<T>;
+  const int64_t n = static_cast<int64_t>(p.m) * p.d;
+  PTK_LAUNCH(kernel, dim3(static_cast<unsigned>((n + 127) / 128)), dim3(128), 0, stream, p);
+}
+
+template <typename T, int VARIANT>
 inline void bwd_variant(const GpcParams& p, ptk_stream_t stream) {
   constexpr int G = GateEpilogue<T, VARIANT>::G;
   const int M = p.B * p.m, width = G * p.d;
   if (M == 0 || p.d == 0) return;
-  {
-    auto kernel = gate_backward_kernel<T, VARIANT>;
-    const int64_t total = static_cast<int64_t>(M) * p.d;
-    PTK_LAUNCH(kernel, dim3(static_cast<unsigned>((total + 127) / 128)), dim3(128), 0, stream, p);
-  }
+  launch_gate_backward<T, VARIANT>(p, stream);
   if (p.grad_update || p.grad_state) {
     launch_gemm<1>(p, M, 2 * p.d, width, DAOperand{width}, WTransposed<T>(), DXEpilogue<T>(), stream);
-    if (p.shared_state && p.grad_state) {
-      auto kernel = state_reduce_kernel<T>;
-      const int64_t n = static_cast<int64_t>(p.m) * p.d;
-      PTK_LAUNCH(kernel, dim3(static_cast<unsigned>((n + 127) / 128)), dim3(128), 0, stream, p);
-    }
+    launch_state_reduce<T>(p, stream);
   }
   if (p.grad_weight)
     launch_gemm<1>(p, 2 * p.d, width, M, XTransposed<T>(), DAasB{width}, StoreWeightGrad<T>{width}, stream);

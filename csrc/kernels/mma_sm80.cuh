@@ -105,6 +105,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // A synchronous 16-byte shared store (the fallback for operands that cannot be copied as 16-byte
 // vectors); under the harness it is tracked like a copy that lands at once.
 __device__ __forceinline__ void st_shared_16(void* dst, const uint4& v) { *reinterpret_cast<uint4*>(dst) = v; }
+// A 4-byte shared store (two 16-bit values of an accumulator fragment handed to other warps).
+__device__ __forceinline__ void st_shared_32(void* dst, uint32_t v) { *reinterpret_cast<uint32_t*>(dst) = v; }
 
 #endif  // !PTK_HOST_HARNESS
 

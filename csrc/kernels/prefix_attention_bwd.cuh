@@ -14,7 +14,7 @@
 //          and bank rows nobody uses get exact zeros.
 // Prompt-only backward (q, k, v frozen) launches only kernels 1 and 3-prefix.
 // These are the float32 kernels. float16 / bfloat16 run the same algorithm on tensor cores:
-// prefix_attention_bwd_mma.cuh (mma.sync, D <= 128) and prefix_attention_bwd_wmma.cuh (D = 256);
+// prefix_attention_bwd_mma.cuh (mma.sync, D <= 128) and prefix_attention_bwd_mma_wide.cuh (D = 256);
 // prefix_attention_launch.cuh chooses.
 // Given the final lse and delta every key segment's backward is independent (no merge backward).
 #pragma once

@@ -36,7 +36,13 @@ struct Cfg {
   static constexpr int WARPS = 4;
   static constexpr int THREADS = WARPS * 32;
   static constexpr int BK = WARPS * 16;            // keys per dK/dV block
-  static constexpr int BQ = DMAX >= 128 ? 32 : 64;  // queries per tile of the dK/dV kernel
+  // Queries per tile of the dK/dV kernel. Per thread the kernel holds dK + dV (DMAX / 2 fp32
+  // registers each) and S^T + dP^T (BQ / 4 each): at D = 64, BQ = 64 made that 128 registers and
+  // ptxas filled the rest of the 255 allowed with unrolled ldmatrix prefetch; BQ = 32 (96) fits
+  // the 168 of 3 blocks per SM without spills (BQ = 64 under that cap spills 32-40 bytes). At
+  // D = 128 the accumulators alone are 160 registers: 2 blocks per SM (224 / 255 registers).
+  static constexpr int BQ = 32;
+  static constexpr int KV_MIN_BLOCKS = DMAX <= 64 ? 3 : 2;  // __launch_bounds__ of dkdv_mma_kernel
   static constexpr int BM = WARPS * 16;            // queries per dQ block
   static constexpr int BN = DMAX >= 128 ? 32 : 64;  // keys per tile of the dQ kernel
   static constexpr int LD = DMAX + 8;
@@ -99,7 +105,7 @@ __device__ __forceinline__ bool skip_row(const AttnParams& p, bool prefix, int t
 
 // PREFIX = false: grid (ceil(Nk / BK), B * Hkv). PREFIX = true: grid (ceil(P / BK), Hkv, T * splits).
 template <typename T, int DMAX, bool PREFIX>
-__global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, 1) dkdv_mma_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, Cfg<T, DMAX>::KV_MIN_BLOCKS) dkdv_mma_kernel(const AttnParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using C = Cfg<T, DMAX>;
   constexpr int NT_S = C::BQ / 8;  // n8 tiles over the query tile
@@ -481,8 +487,12 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, 2) dq_mma_kernel(const 
 
 // How many shares the prefix-gradient work of each (key tile, kv head, prefix) is cut into: enough
 // blocks for about 2 per SM, at most one share per (batch row, head, query tile) item and 64.
-inline int prefix_grad_splits(const AttnParams& p, int num_sms, int block_keys = 64, int block_queries = 64) {
+// block_keys / block_queries 0: the tiles of the kernel that runs p (64 x 32 for D <= 128, the
+// 32-key / 16-query tiles of prefix_attention_bwd_mma_wide.cuh).
+inline int prefix_grad_splits(const AttnParams& p, int num_sms, int block_keys = 0, int block_queries = 0) {
   if (p.prefix_mode == kNoPrefix || p.P <= 0 || p.Nq <= 0) return 1;
+  if (block_keys <= 0) block_keys = p.D > 128 ? 32 : 64;
+  if (block_queries <= 0) block_queries = p.D > 128 ? 16 : 32;
   const int64_t base = static_cast<int64_t>((p.P + block_keys - 1) / block_keys) * p.Hkv * p.T;
   const int64_t rows = p.prefix_mode == kPerRow ? 1 : p.B;
   const int64_t items = rows * (p.Hq / p.Hkv) * ((p.Nq + block_queries - 1) / block_queries);

@@ -50,6 +50,9 @@ struct Cfg {
   static constexpr size_t kv_elems = static_cast<size_t>(BN) * LD;
   static constexpr size_t smem_bytes = (q_elems + 2 * STAGES * kv_elems) * sizeof(T);
   static constexpr int MIN_BLOCKS = DMAX >= 256 ? 1 : 2;  // lets ptxas use up to 255 / 255 registers
+  // Q's A fragments held in registers across key tiles (DMAX / 4 registers per thread): up to
+  // D = 128 (+32); at D = 256 (+64 on top of 220) they would not fit.
+  static constexpr bool Q_IN_REGS = DMAX <= 128;
   static_assert(sizeof(T) == 2, "tensor-core forward: 16-bit inputs only");
   static_assert((LD * sizeof(T)) % 16 == 0, "rows must stay 16-byte aligned");
   static_assert(smem_bytes <= 163 * 1024, "forward tile does not fit in sm_80 shared memory");
@@ -216,6 +219,7 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, Cfg<T, DMAX>::MIN_BLOCK
     tc::cp_async_commit();  // group: Q + tile 0
   }
 
+  uint32_t qf[C::Q_IN_REGS ? DMAX / 16 : 1][4];  // Q fragments (Cfg::Q_IN_REGS)
   for (int j = 0; j < tl.n_tiles; ++j) {
     if (j + 1 < tl.n_tiles) {
       T* nK = sKV + ((j + 1) % C::STAGES) * 2 * C::kv_elems;
@@ -233,6 +237,16 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, Cfg<T, DMAX>::MIN_BLOCK
     const KeySegment<T> seg = pick(pre, tl.pre, tl.seq);
     const int kt = pre ? tl.pre_lo + j * C::BN : tl.seq_lo + (j - tl.n_pre) * C::BN;
 
+    // The warp's Q fragments (16 rows x D) go to registers once, after the first tile's group
+    // (which carries Q) has landed, instead of an ldmatrix per key tile.
+    if constexpr (C::Q_IN_REGS) {
+      if (j == 0) {
+#pragma unroll
+        for (int ks = 0; ks < DMAX / 16; ++ks)
+          if (ks < ksteps) tc::ldmatrix_x4(qf[ks], sQ + (warp * 16 + lane % 16) * C::LD + ks * 16 + (lane / 16) * 8);
+      }
+    }
+
     // ---- S = Q K^T (16 x BN per warp) ----
     float s[NT_S][4];
 #pragma unroll
@@ -243,7 +257,12 @@ __global__ void __launch_bounds__(Cfg<T, DMAX>::THREADS, Cfg<T, DMAX>::MIN_BLOCK
     for (int ks = 0; ks < DMAX / 16; ++ks) {
       if (ks < ksteps) {
         uint32_t qa[4];
-        tc::ldmatrix_x4(qa, sQ + (warp * 16 + lane % 16) * C::LD + ks * 16 + (lane / 16) * 8);
+        if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[e] = qf[ks][e];
+        } else {
+          tc::ldmatrix_x4(qa, sQ + (warp * 16 + lane % 16) * C::LD + ks * 16 + (lane / 16) * 8);
+        }
 #pragma unroll
         for (int np = 0; np < C::BN / 16; ++np) {
           uint32_t kb[4];  // b0/b1 of key tiles 2np and 2np + 1

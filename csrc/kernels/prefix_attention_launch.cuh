@@ -12,13 +12,14 @@
 //                                   (prefix_attention_bwd_mma.cuh); the prefix gradient in
 //                                   p.prefix_splits shares (the caller sets it with
 //                                   prefix_grad_splits and allocates prefix_grad_workspace)
-//            float16 / bfloat16, D > 128 -> WMMA kernels (prefix_attention_bwd_wmma.cuh): two
-//                                   D-wide register accumulators per key do not fit at D = 256
+//            float16 / bfloat16, D > 128 -> the same structure re-tiled for D = 256
+//                                   (prefix_attention_bwd_mma_wide.cuh): warp pairs split the
+//                                   head dim, since two D-wide accumulators per key do not fit
 #pragma once
 
 #include "prefix_attention_bwd.cuh"
 #include "prefix_attention_bwd_mma.cuh"
-#include "prefix_attention_bwd_wmma.cuh"
+#include "prefix_attention_bwd_mma_wide.cuh"
 #include "prefix_attention_fwd.cuh"
 #include "prefix_attention_fwd_mma.cuh"
 
@@ -41,8 +42,8 @@ inline void launch_prefix_attention_bwd(const AttnParams& p, bool need_dq, ptk_s
     launch_prefix_attention_bwd_simt<T>(p, need_dq, stream);
   else if (p.D <= 128)
     launch_prefix_attention_bwd_mma<T>(p, need_dq, stream);
-  else if (p.B * p.Hq > 0 && p.Nq > 0)
-    launch_prefix_attention_bwd_wmma_d<T, 256>(p, need_dq, stream);
+  else
+    launch_prefix_attention_bwd_wide<T>(p, need_dq, stream);
 }
 
 }  // namespace ptk

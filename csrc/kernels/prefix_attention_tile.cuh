@@ -22,7 +22,7 @@ struct KeySegment {
 // The keys a dK/dV block owns and the batch rows that read them. A prefix block (kv head
 // blockIdx.y, prefix t = blockIdx.z) is read by row t for per-row prefixes and otherwise by every
 // row (a bank's loop skips rows that chose another prefix); a sequence block belongs to one
-// (row, kv head) pair, blockIdx.y = b * Hkv + hk. Shared by the CUDA-core and WMMA backward.
+// (row, kv head) pair, blockIdx.y = b * Hkv + hk. Shared by the CUDA-core and tensor-core backward.
 struct KeyBlockRole {
   int hk, t, b_begin, b_end;
 };
@@ -83,19 +83,6 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const T* src, int6
     const int r = idx / DMAX, c = idx % DMAX;
     const int row = row0 + r;
     dst[r * ld + c] = (row < n && c < D) ? to_float(src[row * s_row + c * s_col]) : 0.f;
-  }
-}
-
-// rows [row0, row0 + ROWS) of a strided (n, D) matrix -> dst[ROWS][ld] in the storage dtype,
-// zero-filled past n and past D (so products over the padded head dim are exact). Synchronous
-// staging of the WMMA backward.
-template <typename T, int ROWS, int DMAX>
-__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* src, int64_t s_row, int64_t s_col, int row0, int n,
-                                           int D, int nthreads) {
-  for (int idx = threadIdx.x; idx < ROWS * DMAX; idx += nthreads) {
-    const int r = idx / DMAX, c = idx % DMAX;
-    const int row = row0 + r;
-    dst[r * ld + c] = (row < n && c < D) ? src[row * s_row + c * s_col] : from_float<T>(0.f);
   }
 }
 

@@ -288,8 +288,9 @@ void kernel_config_lines(std::string& s) {
       add("dq_mma_kernel", B::THREADS, B::dq_bytes);
       add("dkdv_mma_kernel", B::THREADS, B::kv_bytes);
     } else {
-      add("dq_wmma_kernel", ptk::bwd_tc::DqCfg<T, DMAX>::THREADS, ptk::bwd_tc::DqCfg<T, DMAX>::smem_bytes);
-      add("dkdv_wmma_kernel", ptk::bwd_tc::KvCfg<T, DMAX>::THREADS, ptk::bwd_tc::KvCfg<T, DMAX>::smem_bytes);
+      using W = ptk::bwd_wide::Cfg<T>;
+      add("dq_wide_kernel", W::THREADS, W::dq_bytes);
+      add("dkdv_wide_kernel", W::THREADS, W::kv_bytes);
     }
   }
   add("prefix_attention_fwd_kernel", ptk::fwd::kThreads, ptk::fwd::Tiles<DMAX>::smem_bytes);

@@ -213,5 +213,13 @@ inline void st_shared_16(void* dst, const uint4& v) {
   std::memcpy(dst, &v, 16);
 }
 
+inline void st_shared_32(void* dst, uint32_t v) {
+  if (reinterpret_cast<uintptr_t>(dst) % 4 != 0) ::ptk_shim::report("st_shared_32: address not 4-byte aligned");
+  // tracked per 16-byte chunk: a write into a chunk the warp's readers use needs a barrier first
+  shim_detail::track_write(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(dst) & ~uintptr_t{15}), false,
+                           "shared store");
+  std::memcpy(dst, &v, 4);
+}
+
 }  // namespace tc
 }  // namespace ptk
