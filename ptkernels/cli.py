@@ -82,7 +82,16 @@ def collect_info() -> dict:
         "env": {name: os.environ.get(name) for name in ("PTKERNELS_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")},
         "backends": rows,
         "backends_error": rows_error,
+        "cuda_dropout": _cuda_dropout_route(),
     }
+
+
+def _cuda_dropout_route() -> str | None:
+    try:
+        from ptkernels.backends import cuda
+    except Exception:  # report, do not crash `info`
+        return None
+    return cuda.DROPOUT_ROUTE
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -103,6 +112,8 @@ def _print_info(info: dict) -> None:
         for op, keys in native["ops"].items():
             print(f"  torch.ops.ptkernels.{op}: kernels for {', '.join(keys) or 'no dispatch key'}")
         print(f"CUDA kernels in ptkernels._C: {'yes' if native['cuda_kernels'] else 'no'}")
+        if native["cuda_kernels"]:
+            print(f"  note: {info['cuda_dropout']}")
     else:
         print(f"ptkernels._C: not available ({native['error']})")
         print("CUDA kernels in ptkernels._C: no")

@@ -146,6 +146,8 @@ def test_info_prints_versions_and_backend_table():
     out = result.stdout
     for needle in ("torch build:", "ptkernels._C:", "CUDA kernels in ptkernels._C:", "GPUs:", "PTKERNELS_BACKEND="):
         assert needle in out
+    if "CUDA kernels in ptkernels._C: yes" in out:
+        assert "note: attention dropout (dropout_p > 0) on the cuda backend runs on triton" in out
     assert "backends (what backend='auto' runs):" in out, out
     table = out.split("backends (what backend='auto' runs):", 1)[1]
     for op in ("prefix_attention", "gpc_cell"):
@@ -163,6 +165,8 @@ def test_info_json_reports_backend_rows():
     for row in rows:
         assert {"op", "device", "backend", "reason"} <= set(row)
     assert info["native"]["built"] == (importlib.util.find_spec("ptkernels._C") is not None)
+    # issue 14: where the CUDA kernels hand dropout to another backend, `info` says so
+    assert "dropout" in info["cuda_dropout"] and "triton" in info["cuda_dropout"]
 
 
 def test_info_honours_ptkernels_backend():

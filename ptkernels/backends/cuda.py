@@ -20,6 +20,11 @@ from ptkernels import backends
 
 NAME = "cuda"
 
+# What `ptkernels info` says about the one feature the CUDA kernels hand to another backend.
+DROPOUT_ROUTE = ("attention dropout (dropout_p > 0) on the cuda backend runs on triton (eager "
+                 "without triton), forward and backward: the CUDA kernels have no Philox stream "
+                 "bit-equal to Triton's")
+
 _OPS = {
     "prefix_attention": ("prefix_attention_fwd", "prefix_attention_bwd"),
     "gpc_cell": ("gpc_cell_fwd", "gpc_cell_bwd"),
