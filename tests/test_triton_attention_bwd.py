@@ -355,7 +355,6 @@ def test_aot_specs_cover_every_candidate(arch):
     must be among them, with the heaviest feature set of its table (light: no bias, softcap,
     dropout) and the head dim specialized as at runtime."""
     from ptkernels.backends.triton import configs
-    from ptkernels.backends.triton._common import SIG_DTYPE
 
     specs = {s["name"].removeprefix("attention_bwd_"): s for s in tbwd.AOT_SPECS}
     assert set(specs) == {"preprocess", "dq", "dkdv", "dprefix", "dprefix_sum"}
@@ -365,7 +364,7 @@ def test_aot_specs_cover_every_candidate(arch):
         for v in specs[kernel]["variants"](arch):
             cx = v["constexprs"]
             heavy = cx["HAS_DROPOUT"] and cx["HAS_SOFTCAP"] and cx["HAS_BIAS"]
-            assert heavy == v["heavy"] and cx["D"] == cx["BLOCK_D"]
+            assert heavy == v["heavy"] and (cx["D"] == cx["BLOCK_D"] or "shape" in v)
             # every mask / prefix feature the kernel has is on
             assert cx.get("PREFIX_MODE", 3) == 3
             assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_WINDOW", "HAS_KPM"))
@@ -373,7 +372,8 @@ def test_aot_specs_cover_every_candidate(arch):
             for bd in configs.HEAD_DIM_BUCKETS:
                 for heavy in (True, False):
                     for cfg in tbwd.candidates(kernel, arch, dtype, bd, heavy):
-                        key = (SIG_DTYPE[dtype], f"d{bd}", str(cfg), heavy or dtype == torch.float32)
+                        key = (configs.aot_dtype(dtype), f"d{bd}", str(cfg),
+                               heavy or dtype == torch.float32)
                         assert key in compiled, f"{kernel} sm_{arch}: {key} is never compiled"
 
 

@@ -192,3 +192,37 @@ def aot_signature(kernel, pointer_types: dict, float_args=(), constexprs=None):
             continue
         sig[a] = pointer_types.get(a) or ("fp32" if a in float_args else "i32")
     return sig
+
+
+# JIT specializations that other call shapes produce, compiled by the AOT check for the first
+# (most used) configuration of each attention kernel's bf16 D = 128 tables on sm_80 and sm_90
+# (sm_86 runs sm_80's code): a head dim that is not a power of two (80, 96: D constexpr, columns
+# masked in the BLOCK_D = 128 tile), sequence lengths not divisible by 16 (neither are the bias
+# and padding-mask strides that contain them), and the head counts of MHA (G == 1: the JIT makes
+# an argument equal to 1 a constant; 16-divisible head counts) and MQA (one KV head).
+AOT_SHAPES = {
+    "odd-lengths MHA": {"D": 80, "odd_lengths": True, "heads": "mha"},
+    "MQA": {"D": 96, "odd_lengths": False, "heads": "mqa"},
+}
+_LENGTH_ARGS = ("Nq", "Nk", "n_cols", "row_len", "s_bb", "s_bh", "s_bm", "s_kpmb")
+
+
+def aot_shape_variants(variant: dict) -> list[dict]:
+    """The ``AOT_SHAPES`` specializations of one AOT variant (format: tests/triton_aot.py)."""
+    out = []
+    for name, shape in AOT_SHAPES.items():
+        sig, cx = dict(variant["signature"]), dict(variant["constexprs"], D=shape["D"])
+        div16 = set(variant["div16"])
+        if shape["odd_lengths"]:
+            div16 -= set(_LENGTH_ARGS)
+        one = {"mha": "G", "mqa": "Hkv"}[shape["heads"]]
+        if one in sig:
+            del sig[one]
+            cx[one] = 1
+        div16 |= {a for a in ("Hq", "Hkv", "G") if a in sig}
+        bd = cx["BLOCK_D"]
+        out.append(dict(variant, signature=sig, constexprs=cx,
+                        div16=[a for a in sig if a in div16], shape=name,
+                        label=variant["label"].replace(f"d{bd} ", f"d{shape['D']} ", 1)
+                        + f" {name}"))
+    return out

@@ -31,10 +31,10 @@ import triton
 import triton.language as tl
 
 from ptkernels.backends.triton import configs
-from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_signature, alloc,
-                                              block_d, cast_rounded, launch_first_fitting,
-                                              load_tile, mma, prefix_mode, prefix_of_row,
-                                              round_to, strides, tanh)
+from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_shape_variants,
+                                              aot_signature, alloc, block_d, cast_rounded,
+                                              launch_first_fitting, load_tile, mma, prefix_mode,
+                                              prefix_of_row, round_to, strides, tanh)
 from ptkernels.backends.triton.configs import Config
 from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_tile_grads,
                                                             _sum_partials_kernel, prefix_block)
@@ -319,8 +319,9 @@ _HEAVY = {
            256: [_C(32, 32, 4, 1)]},
     "dkdv": {64: [_C(16, 64, 4, 1)], 128: [_C(16, 64, 8, 1)], 256: [_C(16, 32, 4, 1)]},
 }
-_HEAVY_90 = dict(_HEAVY, dkdv={**_HEAVY["dkdv"], 64: [_C(16, 64, 4, 1), _C(32, 64, 4, 1)]},
-                 dq={**_HEAVY["dq"], 128: [_C(64, 32, 4, 2)]})
+# (sm_90 dq at D = 128 used to run 64x32 with 4 warps: with D = 80, odd lengths and MHA heads
+# (tests/test_triton_aot.py's shape variants) it spills 24 B there; 8 warps do not)
+_HEAVY_90 = dict(_HEAVY, dkdv={**_HEAVY["dkdv"], 64: [_C(16, 64, 4, 1), _C(32, 64, 4, 1)]})
 # Light calls: pipelined (3-stage, cp.async) tiles. sm_90 holds 32x128 dK/dV tiles (wgmma reads
 # its operands from shared memory); on sm_80 / sm_86 they spill, 32x64 with 8 warps does not.
 _LIGHT = {
@@ -600,9 +601,14 @@ _POINTERS = {"q_ptr": "DT", "k_ptr": "DT", "v_ptr": "DT", "pk_ptr": "DT", "pv_pt
              "o_ptr": "DT", "glse_ptr": "fp32", "wk_ptr": "fp32", "wv_ptr": "fp32"}
 
 
+# fp16 and bf16 share the 16-bit tables and their code differs only in conversions: the 16-bit
+# variants are compiled in bf16 (configs.aot_dtype), as the forward's.
+_AOT_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
     out = []
-    for dtype in configs.DTYPES:
+    for dtype in _AOT_DTYPES:
         dt = SIG_DTYPE[dtype]
         ptrs = {a: "*" + (dt if t == "DT" else t) for a, t in _POINTERS.items()
                 if a in kernel.arg_names}
@@ -624,12 +630,15 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
                             "div16": div16, "num_warps": cfg.num_warps,
                             "num_stages": cfg.num_stages, "tensor_cores": not exact,
                             "async_loads": cfg.num_stages > 1})
+                first = cfg == candidates(name, arch, dtype, bd, heavy)[0]
+                if (dt, bd) == ("bf16", 128) and first and configs.table_arch(arch) != 86:
+                    out += aot_shape_variants(out[-1])
     return out
 
 
 def _preprocess_variants(arch: int) -> list[dict]:
     out = []
-    for dtype in configs.DTYPES:
+    for dtype in _AOT_DTYPES:
         dt = SIG_DTYPE[dtype]
         ptrs = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "glse_ptr": "*fp32", "delta_ptr": "*fp32"}
         for bd in configs.HEAD_DIM_BUCKETS:
@@ -645,7 +654,7 @@ def _preprocess_variants(arch: int) -> list[dict]:
 
 def _sum_variants(arch: int) -> list[dict]:
     out = []
-    for dtype in configs.DTYPES:
+    for dtype in _AOT_DTYPES:
         dt = SIG_DTYPE[dtype]
         ptrs = {"wk_ptr": "*fp32", "wv_ptr": "*fp32", "rows_ptr": "*i32", "row_start_ptr": "*i32",
                 "dpk_ptr": f"*{dt}", "dpv_ptr": f"*{dt}"}
