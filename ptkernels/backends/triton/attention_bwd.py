@@ -33,6 +33,7 @@ import triton.language as tl
 from ptkernels.backends.triton import configs
 from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_shape_variants,
                                               aot_signature, alloc, block_d, cast_rounded,
+                                              fp32_dots_mode,
                                               launch_first_fitting, load_tile, mma, prefix_mode,
                                               prefix_of_row, round_to, strides, tanh)
 from ptkernels.backends.triton.configs import Config
@@ -366,9 +367,10 @@ _BWD = {80: _tables(_LIGHT, _HEAVY, _FP32), 86: _tables(_LIGHT, _HEAVY, _FP32),
 INTERPRET_CONFIG = Config(32, 32, 4, 1)
 
 
-def fp32_dots(dtype: torch.dtype, block_d: int) -> bool:
-    """Whether the kernels multiply in exact fp32 (see attention_bwd_prefix.py)."""
-    return INTERPRET or (dtype == torch.float32 and block_d >= 128)
+def fp32_dots(dtype: torch.dtype, block_d: int) -> int:
+    """The FP32_DOTS mode (``_common.mma``): float32 with D >= 128 multiplies exactly on the GPU
+    (every tf32x3 dQ tile spilled on sm_90 there)."""
+    return fp32_dots_mode(dtype, exact_on_gpu=dtype == torch.float32 and block_d >= 128)
 
 
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ptkernels.backends.triton import configs
 from ptkernels.backends.triton._common import (INTERPRET, LN2, LOG2E, aot_shape_variants,
-                                              aot_signature, block_d,
+                                              aot_signature, block_d, fp32_dots_mode,
                                               launch_first_fitting, mma, prefix_mode, round_to,
                                               strides, tanh)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
@@ -171,7 +171,7 @@ class Launch:
         self.flags = dict(D=self.d, PREFIX_MODE=self.mode, CAUSAL=bool(causal),
                           HAS_WINDOW=window > 0, HAS_KPM=kpm is not None,
                           HAS_BIAS=attn_bias is not None, HAS_SOFTCAP=softcap > 0,
-                          HAS_DROPOUT=dropout_p > 0, FP32_DOTS=INTERPRET)
+                          HAS_DROPOUT=dropout_p > 0, FP32_DOTS=fp32_dots_mode(q.dtype))
         self.dtype, self.device = q.dtype, q.device
 
 
