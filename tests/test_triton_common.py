@@ -62,7 +62,8 @@ def _tf32x3_reference(a, b):
     """Triton's tf32x3 in float64 products of TF32-exact operands (cvt.rna for the big parts,
     the tensor core's truncation for the small ones)."""
     def bits(x, f):
-        return (f(x.view(torch.int32).to(torch.int64)) & 0xFFFFE000).to(torch.int32).view(torch.float32)
+        kept = f(x.view(torch.int32).to(torch.int64)) & 0xFFFFE000
+        return kept.to(torch.int32).view(torch.float32)
 
     a_big, b_big = (bits(x, lambda i: i + 0x1000) for x in (a, b))
     a_small, b_small = bits(a - a_big, lambda i: i), bits(b - b_big, lambda i: i)

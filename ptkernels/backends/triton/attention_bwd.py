@@ -454,8 +454,9 @@ def _bank_rows(prefix_index: torch.Tensor, t: int):
 def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_index, bias,
                   s_bias, row_len, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk,
                   dpv):
-    """dprefix_k / dprefix_v (T, Hkv, P, D) into ``dpk`` / ``dpv``: the prefix kernel's float32
-    partials (B, NCHUNK, Hkv, P, D), then their fixed-order sum per prefix (attention_bwd_prefix.py)."""
+    """dprefix_k / dprefix_v (T, Hkv, P, D) into ``dpk`` / ``dpv`` (contiguous): the prefix
+    kernel's float32 partials (B, NCHUNK, Hkv, P, D), then their fixed-order sum per prefix
+    (attention_bwd_prefix.py)."""
     b, hq, nq, d = q.shape
     t, hkv, p_len = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     dev, bd = q.device, flags["BLOCK_D"]
@@ -476,7 +477,8 @@ def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_in
          prefix_index if mode == 3 else q, bias, wk, wv,
          *q.stride(), *grad_out.stride(), *out.stride(), *strides(grad_lse, 3),
          *prefix_k.stride(), *prefix_v.stride(), *s_bias,
-         hq, hkv, nq, p_len, row_len, chunk_rows, n_chunk, opts["scale"], opts["softcap"], opts["dropout_p"], seed,
+         hq, hkv, nq, p_len, row_len, chunk_rows, n_chunk,
+         opts["scale"], opts["softcap"], opts["dropout_p"], seed,
          block_p=bp, PREFIX_MODE=mode, HAS_GLSE=grad_lse is not None,
          NEED_DK=need_dpk, NEED_DV=need_dpv, **flags)
     rows = row_start = q

@@ -18,11 +18,12 @@ contracted into it): ``_bwd_dprefix_kernel`` holds the whole prefix of one KV he
 power-of-two block (``prefix_block``: 16 to 128 rows by head dim and features; a longer prefix is
 split over several blocks) with its two float32 accumulators, and steps over BLOCK_M query rows
 at a time (16 to 128: as many as fit in registers next to the accumulators, see the table in
-``attention_bwd.py``). Its grid is (prefix blocks x query chunks x B x Hkv): every (batch row, chunk of query
-blocks) pair is its own program, so a shared prefix (T = 1) still fills the GPU; the G query heads
-of the KV head are reduced in the program's registers (GQA). delta is computed in the kernel from
-the O and dO tiles it loads (no separate pass, no delta tensor). Each program writes its float32
-partial (B, n_chunk, Hkv, P, D); ``_sum_partials_kernel`` then sums, for every prefix t, the
+``attention_bwd.py``). Its grid is (prefix blocks x query chunks x B x Hkv): every (batch row,
+chunk of query rows) pair is its own program, so a shared prefix (T = 1) still fills the GPU; the
+G query heads of the KV head are reduced in the program's registers (GQA). delta is computed in
+the kernel from the O and dO tiles it loads (no separate pass, no delta tensor). Each program
+writes its float32 partial (B, n_chunk, Hkv, P, D); ``_sum_partials_kernel`` then sums, for
+every prefix t, the
 partials of the batch rows that use t (shared: all rows; per row: row t; bank: the rows with
 prefix_index[b] == t, listed by the host) in a fixed order (row, then chunk) and casts to the
 prefix dtype. No atomics: results are bitwise reproducible run to run. Bank prefixes no row chose
