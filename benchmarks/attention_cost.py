@@ -94,8 +94,11 @@ def cost(s: Shape, mode: str, block_m: int = 128, block_n: int = 64) -> dict:
            "executed": 2 * s.d * (3 * (seq_exec + pre_exec) + 4 * seq_exec + 4 * pre_exec) * heads,
            "bytes": 3 * q_bytes + kv_bytes + prefix_bytes + 2 * lse_bytes
            + q_bytes + kv_bytes + prefix_bytes}
+    # prompt-only backward: reads q, out, dout, lse (delta is computed in the prefix kernel) and
+    # the prefix; writes dprefix (the float32 per-chunk partials are not counted: they scale
+    # with B * chunks * P * D, small next to the query-side reads)
     prompt = {"useful": 2 * s.d * 4 * pre * heads, "executed": 2 * s.d * 4 * pre_exec * heads,
-              "bytes": 3 * q_bytes + prefix_bytes + 2 * lse_bytes + prefix_bytes}
+              "bytes": 3 * q_bytes + prefix_bytes + lse_bytes + prefix_bytes}
     if mode == "fwd":
         return fwd
     if mode == "bwd":

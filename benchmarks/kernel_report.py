@@ -60,7 +60,11 @@ def render(rows) -> str:
              "stages; resident blocks per SM from registers, warps and shared memory; asynchronous "
              "global->shared loads in the PTX; tensor-core instruction; matrix products per "
              "(query tile, key tile) pair. sm_86 rows marked `sm_86 (sm_80 code)` reuse the sm_80 "
-             "compile of the same configuration (same code, sm_86 limits).", "",
+             "compile of the same configuration (same code, sm_86 limits). Config = BLOCK_M x "
+             "BLOCK_N, warps, stages; for `attention_bwd_dprefix` (prefix gradients, one program "
+             "per prefix block x query chunk x batch row x KV head, float32 partials summed in a "
+             "fixed order by a small kernel not listed here) it is query rows per step x prefix "
+             "rows held (BLOCK_P: the smallest that holds the prefix).", "",
              f"Problems: {len(bad)}" + ("" if not bad else ": " + "; ".join(
                  f"{r['kernel']} sm_{r['arch']} {r['label']} {r['config']}: {p}" for r, p in bad)),
              "", triton_aot.table(rows), ""]

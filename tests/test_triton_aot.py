@@ -7,8 +7,9 @@ processes (no GPU, TRITON_INTERPRET unset there; sm_86 variants equal to sm_80 o
 from the sm_80 compile), and asserts: zero register spills, shared memory within the arch limit
 (sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB), tensor-core instructions in kernels with matrix
 products, cp.async / TMA in pipelined (num_stages > 1) loops, at least one resident block per SM.
-The table is printed (``pytest -s`` shows it). About 5 minutes on 2 cores (235 compiles, most of
-the suite's Triton compile time); the other tests here take a second.
+Besides every shipped configuration, the first bf16 D = 128 configuration of each attention
+kernel is compiled for the other shapes the JIT specializes (``_common.AOT_SHAPES``: head dim 80
+and 96, odd lengths, MHA, MQA). The table is printed (``pytest -s`` shows it).
 
 It also checks the committed static kernel report (``benchmarks/kernel_report.py``): it covers
 every shipped bf16 configuration at head dim 64 / 128 and none of its rows has a problem.
@@ -51,7 +52,8 @@ def test_specs_cover_every_candidate(kernel_kind, arch):
     spec = (attention_fwd if kernel_kind == "fwd" else decode).AOT_SPECS[0]
     compiled = {(v["dtype"], v["block_d"], v["config"], v["heavy"]) for v in spec["variants"](arch)}
     for v in spec["variants"](arch):
-        assert v["constexprs"]["D"] == v["block_d"], "the head dim must be specialized as at runtime"
+        if "shape" not in v:
+            assert v["constexprs"]["D"] == v["block_d"], "the head dim must be specialized as at runtime"
     for dtype in configs.DTYPES:
         for bd in configs.HEAD_DIM_BUCKETS:
             for heavy in (False, True):
@@ -60,6 +62,33 @@ def test_specs_cover_every_candidate(kernel_kind, arch):
                     # a light config may be covered by the same config compiled with every feature
                     assert key + (heavy,) in compiled or key + (True,) in compiled, \
                         f"{kernel_kind} sm_{arch}: {key} (heavy={heavy}) is never compiled"
+
+
+@pytest.mark.parametrize("arch", (80, 90))
+def test_other_shapes_are_compiled(arch):
+    """Every attention kernel is also compiled as the JIT specializes other call shapes (its
+    first bf16 D = 128 configuration, light and all-features): D = 80 with odd sequence lengths
+    and MHA head counts (G == 1 a constant), D = 96 with one KV head (MQA)."""
+    import importlib
+
+    from ptkernels.backends.triton._common import AOT_SHAPES
+
+    for mod, name in (("attention_fwd", "attention_fwd"), ("decode", "decode_fwd"),
+                      ("attention_bwd", "attention_bwd_dq"), ("attention_bwd", "attention_bwd_dkdv"),
+                      ("attention_bwd", "attention_bwd_dprefix")):
+        module = importlib.import_module(f"{triton_aot.PACKAGE}.{mod}")
+        spec = next(s for s in module.AOT_SPECS if s["name"] == name)
+        shaped = [v for v in spec["variants"](arch) if "shape" in v]
+        assert {v["shape"] for v in shaped} == set(AOT_SHAPES), name
+        for v in shaped:
+            shape = AOT_SHAPES[v["shape"]]
+            cx, sig = v["constexprs"], v["signature"]
+            assert cx["D"] == shape["D"] and cx["BLOCK_D"] == 128, (name, v["label"])
+            assert ("Nq" in v["div16"]) != shape["odd_lengths"], (name, v["label"])
+            one = "G" if shape["heads"] == "mha" else "Hkv"
+            names = spec["kernel"].arg_names
+            assert one not in names or (cx[one] == 1 and one not in sig), (name, v["label"])
+    assert not [v for v in spec["variants"](86) if "shape" in v]  # sm_86 runs sm_80's code
 
 
 def test_table_arch():

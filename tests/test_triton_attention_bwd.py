@@ -204,15 +204,15 @@ def launches(monkeypatch):
                                   Case(nq=13, nk=19, p=5, form="bank", b=3, t=4, bias="rows")],
                          ids=Case.id)
 def test_prompt_only_backward(case, launches):
-    """q, k, v frozen: only the preprocess and the prefix kernel run, and the prefix gradients
+    """q, k, v frozen: only the prefix kernel and its partial sum run, and the prefix gradients
     equal (bitwise) those of the full backward."""
     args, out, lse, grad_out = _direct_inputs(case)
     full = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
-    assert launches == ["preprocess", "dq", "dkdv", "dprefix"]
+    assert launches == ["preprocess", "dq", "dkdv", "dprefix", "dprefix_sum"]
     launches.clear()
     only = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse,
                    [False, False, False, True, True])
-    assert launches == ["preprocess", "dprefix"]
+    assert launches == ["dprefix", "dprefix_sum"]  # delta is computed inside the prefix kernel
     assert all(g.numel() == 0 for g in only[:3])
     assert torch.equal(only[3], full[3]) and torch.equal(only[4], full[4])
 
@@ -223,7 +223,7 @@ def test_prompt_only_through_the_op(launches):
     inputs = cast(make_inputs(case, seed=3, grad_for=("prefix_k", "prefix_v")), torch.float32, DEVICE)
     out = ptkernels.prefix_attention(**inputs, causal=True, backend="triton")
     out.square().sum().backward()
-    assert [n for n in launches if n != "fwd"] == ["preprocess", "dprefix"]
+    assert [n for n in launches if n != "fwd"] == ["dprefix", "dprefix_sum"]
     assert inputs["prefix_k"].grad is not None and inputs["q"].grad is None
 
 
@@ -256,19 +256,66 @@ def test_shared_prefix_gradient_is_the_sum_over_rows():
         torch.testing.assert_close(g_shared[0], g_rows.sum(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("nsplit", [2, 3])
-def test_split_prefix_contraction(monkeypatch, nsplit):
-    """The NSPLIT > 1 path (float32 partials summed in a fixed order) equals the unsplit one."""
-    case = Case(nq=40, nk=9, p=7, form="per_row", b=2, causal=True)
+PROMPT_ONLY_CASES = [
+    (Case(nq=37, nk=41, p=1, causal=True, padding="left"), torch.float32),
+    (Case(nq=113, nk=37, p=64, hq=4, hkv=1, form="per_row", causal=True), torch.bfloat16),
+    (Case(nq=37, nk=20, p=7, form="bank", b=3, t=4, bias="full", softcap=4.0, dropout_p=0.2),
+     torch.float32),
+    (Case(nq=113, nk=50, p=7, d=80, hq=6, hkv=2, causal=True, window=9, padding="right"),
+     torch.float16),
+]
+
+
+@pytest.mark.parametrize("case,dtype", PROMPT_ONLY_CASES,
+                         ids=lambda x: x.id() if isinstance(x, Case) else str(x))
+def test_prompt_only_accuracy(case, dtype):
+    """Prompt-only backward through the op (q, k, v frozen) vs the float64 reference: shared,
+    per-row and bank prefixes, P in {1, 7, 64}, odd Nq, MQA/GQA, D = 80, masks, bias, softcap,
+    dropout, in the three dtypes."""
+    check_against_reference(case, dtype, backend="triton", device=DEVICE, seed=31,
+                            grad_for=("prefix_k", "prefix_v"), dropout_mask_fn=dropout_keep_mask)
+
+
+def test_prompt_only_lse_gradient():
+    """grad_lse enters the prefix kernel's in-kernel delta."""
+    check_bwd(Case(nq=37, nk=13, p=7, hq=4, hkv=2, causal=True), torch.float32, use_lse_grad=True,
+              output_mask=(False, False, False, True, True))
+
+
+@pytest.mark.parametrize("n_chunk", [1, 3])
+def test_prefix_chunks_bit_reproducible(monkeypatch, n_chunk):
+    """The query rows split over n_chunk programs per (row, KV head): float32 partials summed in
+    a fixed order, so two runs are bitwise equal; any chunking gives the same gradients up to
+    float32 summation order."""
+    case = Case(nq=70, nk=9, p=7, b=3, hq=4, hkv=2, causal=True)
     args, out, lse, grad_out = _direct_inputs(case, torch.float16)
     mask = [False] * 3 + [True] * 2
     ref = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, mask)
     monkeypatch.setattr(tbwd, "INTERPRET_CONFIG", tbwd.Config(16, 32, 4, 1))
-    monkeypatch.setattr(tbwd, "_prefix_split", lambda *a: nsplit)
-    split = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, mask)
-    for a, b in zip(ref[3:], split[3:]):
+    rows = -(-case.nq // n_chunk)
+    monkeypatch.setattr(tbwd, "_prefix_chunks", lambda *a: (-(-case.nq // rows), rows))
+    first = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, mask)
+    second = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, mask)
+    for a, b, c in zip(ref[3:], first[3:], second[3:]):
         assert a.dtype == b.dtype == torch.float16
+        assert torch.equal(b, c)
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
+def test_prefix_blocks():
+    """BLOCK_P: the smallest block of the table holding the whole prefix, else the largest; every
+    table offers a 16-row block (a short prefix is not padded far)."""
+    from ptkernels.backends.triton.attention_bwd_prefix import prefix_block
+    from ptkernels.backends.triton import configs
+
+    assert [prefix_block(p, [16, 64, 128]) for p in (1, 16, 17, 64, 65, 128, 300)] == \
+        [16, 16, 64, 64, 128, 128, 128]
+    for arch in configs.ARCHS:
+        for dtype in configs.DTYPES:
+            for bd in configs.HEAD_DIM_BUCKETS:
+                for heavy in (False, True):
+                    blocks = [c.block_n for c in tbwd.candidates("dprefix", arch, dtype, bd, heavy)]
+                    assert prefix_block(7, blocks) == 16 and len(set(blocks)) == len(blocks)
 
 
 def test_deterministic():
@@ -308,17 +355,16 @@ def test_aot_specs_cover_every_candidate(arch):
     must be among them, with the heaviest feature set of its table (light: no bias, softcap,
     dropout) and the head dim specialized as at runtime."""
     from ptkernels.backends.triton import configs
-    from ptkernels.backends.triton._common import SIG_DTYPE
 
     specs = {s["name"].removeprefix("attention_bwd_"): s for s in tbwd.AOT_SPECS}
-    assert set(specs) == {"preprocess", "dq", "dkdv", "dprefix"}
+    assert set(specs) == {"preprocess", "dq", "dkdv", "dprefix", "dprefix_sum"}
     for kernel in ("dq", "dkdv", "dprefix"):
         compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"], v["heavy"])
                     for v in specs[kernel]["variants"](arch)}
         for v in specs[kernel]["variants"](arch):
             cx = v["constexprs"]
             heavy = cx["HAS_DROPOUT"] and cx["HAS_SOFTCAP"] and cx["HAS_BIAS"]
-            assert heavy == v["heavy"] and cx["D"] == cx["BLOCK_D"]
+            assert heavy == v["heavy"] and (cx["D"] == cx["BLOCK_D"] or "shape" in v)
             # every mask / prefix feature the kernel has is on
             assert cx.get("PREFIX_MODE", 3) == 3
             assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_WINDOW", "HAS_KPM"))
@@ -326,7 +372,8 @@ def test_aot_specs_cover_every_candidate(arch):
             for bd in configs.HEAD_DIM_BUCKETS:
                 for heavy in (True, False):
                     for cfg in tbwd.candidates(kernel, arch, dtype, bd, heavy):
-                        key = (SIG_DTYPE[dtype], f"d{bd}", str(cfg), heavy or dtype == torch.float32)
+                        key = (configs.aot_dtype(dtype), f"d{bd}", str(cfg),
+                               heavy or dtype == torch.float32)
                         assert key in compiled, f"{kernel} sm_{arch}: {key} is never compiled"
 
 

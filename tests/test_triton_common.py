@@ -48,6 +48,57 @@ def _round_kernel(x_ptr, y_ptr, DT: tl.constexpr, FP32_DOTS: tl.constexpr):
     tl.store(y_ptr + offs, y.to(tl.float32))
 
 
+@triton.jit
+def _mma_kernel(a_ptr, b_ptr, c_ptr, FP32_DOTS: tl.constexpr):
+    # 32 x 32 fp32 tiles: c = a @ b through _common.mma
+    offs = tl.arange(0, 32)
+    a = tl.load(a_ptr + offs[:, None] * 32 + offs[None, :])
+    b = tl.load(b_ptr + offs[:, None] * 32 + offs[None, :])
+    c = _common.mma(a, b, tl.zeros([32, 32], tl.float32), FP32_DOTS)
+    tl.store(c_ptr + offs[:, None] * 32 + offs[None, :], c)
+
+
+def _tf32x3_reference(a, b):
+    """Triton's tf32x3 in float64 products of TF32-exact operands (cvt.rna for the big parts,
+    the tensor core's truncation for the small ones)."""
+    def bits(x, f):
+        kept = f(x.view(torch.int32).to(torch.int64)) & 0xFFFFE000
+        return kept.to(torch.int32).view(torch.float32)
+
+    a_big, b_big = (bits(x, lambda i: i + 0x1000) for x in (a, b))
+    a_small, b_small = bits(a - a_big, lambda i: i), bits(b - b_big, lambda i: i)
+    return (a_small.double() @ b_big.double() + a_big.double() @ b_small.double()
+            + a_big.double() @ b_big.double())
+
+
+@pytest.mark.skipif(not _common.INTERPRET, reason="the emulation is the interpreter's")
+def test_interpreter_products_model_tf32x3():
+    """fp32 products under the interpreter carry tf32x3's error (not exact fp32's), so a
+    tolerance failure of fp32 inputs on hardware shows on CPU first; 16-bit values are exact."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 32, generator=gen), torch.randn(32, 32, generator=gen)
+    c = torch.empty(32, 32)
+    _mma_kernel[(1,)](a, b, c, _common.fp32_dots_mode(torch.float32))
+    exact = a.double() @ b.double()
+    model = _tf32x3_reference(a, b)
+    assert (c.double() - model).abs().max() < 2e-6 * exact.abs().max()  # fp32 accumulation only
+    # x = 1 + 2^-12 + 2^-23: big = 1, small read as 2^-12, so x * x counts as 1 + 2^-11 and a
+    # 32-term row sums to exactly 32 + 2^-6; exact products give 32 + 2^-6 + 2^-17 + ..., more
+    # than one fp32 ulp (2^-18) away
+    x = torch.full((32, 32), 1 + 2 ** -12 + 2 ** -23)
+    _mma_kernel[(1,)](x, x, c, 2)
+    assert torch.all(c == 32 + 2 ** -6)
+    assert (x.double() @ x.double())[0, 0] - (32 + 2 ** -6) > 2 ** -18
+    for mode in (1, 2):  # 16-bit values: the split is exact (small = 0), both modes agree
+        a16, b16 = a.half().float(), b.half().float()
+        _mma_kernel[(1,)](a16, b16, c, mode)
+        torch.testing.assert_close(c.double(), a16.double() @ b16.double(), rtol=1e-6, atol=1e-5)
+    _mma_kernel[(1,)](x, x, c, 1)  # mode 1 (exact fp32 products)
+    assert torch.all(c > 32 + 2 ** -6)
+    assert _common.fp32_dots_mode(torch.bfloat16) == 1
+    assert _common.fp32_dots_mode(torch.float32, exact_on_gpu=True) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_round_to_is_round_to_nearest_even(dtype):
     """The probabilities / dS the kernels feed to 16-bit products are rounded as on the GPU

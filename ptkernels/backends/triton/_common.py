@@ -19,8 +19,9 @@ specialized per head dim, so a power-of-two head dim compiles without column mas
   interpreter, so its tests see the GPU's rounding error (the interpreter's own fp32 -> bf16
   conversion truncates instead of rounding to nearest even).
 * ``mma``: the one ``tl.dot`` wrapper (fp32 accumulation; fp32 operands use ``tf32x3`` on the GPU:
-  3 TF32 products, an error of the order of fp32 rounding, so the interpreter's exact fp32 dots
-  model it within the fp32 tolerance of DESIGN.md; 16-bit operands go to the tensor cores).
+  3 TF32 products, about 8x fp32's rounding error per product; for fp32 inputs the interpreter
+  reproduces that decomposition in its operands (FP32_DOTS == 2, ``fp32_dots_mode``), so an
+  fp32 tolerance failure on hardware shows on CPU first; 16-bit operands go to the tensor cores).
 * Prefix modes: the values of ``ptk::PrefixMode`` in ``csrc/kernels/prefix_attention_params.cuh``
   (0 none, 1 shared, 2 one per batch row, 3 bank chosen by ``prefix_index``); ``prefix_of_row``
   maps a batch row to its prefix, the device twin of the C++ ``prefix_of_row``.
@@ -57,6 +58,15 @@ def prefix_mode(prefix_k: torch.Tensor | None, prefix_index: torch.Tensor | None
     if prefix_index is not None:
         return BANK_PREFIX
     return SHARED_PREFIX if prefix_k.shape[0] == 1 else PER_ROW_PREFIX
+
+
+def fp32_dots_mode(dtype: torch.dtype, exact_on_gpu: bool = False) -> int:
+    """The FP32_DOTS constexpr of a call with inputs of ``dtype`` (values in ``mma``): under the
+    interpreter 1 for 16-bit inputs and 2 (tf32x3 modelled) for fp32 inputs the GPU multiplies
+    with tf32x3; on the GPU 1 where a kernel multiplies exactly (``exact_on_gpu``), else 0."""
+    if INTERPRET:
+        return 2 if dtype == torch.float32 and not exact_on_gpu else 1
+    return int(exact_on_gpu)
 
 
 def poison_enabled() -> bool:
@@ -166,15 +176,46 @@ def cast_rounded(x, DT: tl.constexpr, FP32_DOTS: tl.constexpr):
     return round_to(x, DT, FP32_DOTS).to(DT)
 
 
+_TF32_MASK = tl.constexpr(0xFFFFE000)  # the fp32 bits a TF32 value keeps (sign, 8 + 10)
+
+
+@triton.jit
+def tf32_rna(x):
+    """fp32 ``x`` rounded to TF32, half away from zero (``cvt.rna.tf32.f32``)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & _TF32_MASK).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32_trunc(x):
+    """fp32 ``x`` as a TF32 tensor-core operand reads it (the low 13 mantissa bits ignored)."""
+    return (x.to(tl.uint32, bitcast=True) & _TF32_MASK).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def mma(a, b, acc, FP32_DOTS: tl.constexpr):
     """acc + a @ b with fp32 accumulation.
 
-    With FP32_DOTS both operands are upcast to fp32 and multiplied exactly ("ieee"); otherwise
-    fp16/bf16 operands go to the tensor cores as they are, and fp32 operands use ``tf32x3``.
+    FP32_DOTS (``fp32_dots_mode``): 0: fp16/bf16 operands go to the tensor cores as they are,
+    fp32 operands use ``tf32x3``. 1: both operands upcast to fp32 and multiplied exactly ("ieee";
+    the GPU's exact-FMA path, and the interpreter for 16-bit inputs, whose values the upcast keeps
+    exactly). 2 (the interpreter for fp32 inputs): Triton's tf32x3 decomposition computed as the
+    tensor cores do it: big = rna(x), small = x - big read as TF32, acc + small_a big_b +
+    big_a small_b + big_a big_b; so the interpreter tests see the GPU's fp32 error (about 2^-21
+    relative per product instead of fp32's 2^-24) and a tolerance failure on hardware shows on
+    CPU first.
     """
     if FP32_DOTS:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if FP32_DOTS == 2:
+            a_big = tf32_rna(a)
+            b_big = tf32_rna(b)
+            acc = tl.dot(tf32_trunc(a - a_big), b_big, acc, input_precision="ieee")
+            acc = tl.dot(a_big, tf32_trunc(b - b_big), acc, input_precision="ieee")
+            acc = tl.dot(a_big, b_big, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
     elif a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="tf32x3")
     else:
@@ -192,3 +233,37 @@ def aot_signature(kernel, pointer_types: dict, float_args=(), constexprs=None):
             continue
         sig[a] = pointer_types.get(a) or ("fp32" if a in float_args else "i32")
     return sig
+
+
+# JIT specializations that other call shapes produce, compiled by the AOT check for the first
+# (most used) configuration of each attention kernel's bf16 D = 128 tables on sm_80 and sm_90
+# (sm_86 runs sm_80's code): a head dim that is not a power of two (80, 96: D constexpr, columns
+# masked in the BLOCK_D = 128 tile), sequence lengths not divisible by 16 (neither are the bias
+# and padding-mask strides that contain them), and the head counts of MHA (G == 1: the JIT makes
+# an argument equal to 1 a constant; 16-divisible head counts) and MQA (one KV head).
+AOT_SHAPES = {
+    "odd-lengths MHA": {"D": 80, "odd_lengths": True, "heads": "mha"},
+    "MQA": {"D": 96, "odd_lengths": False, "heads": "mqa"},
+}
+_LENGTH_ARGS = ("Nq", "Nk", "n_cols", "row_len", "s_bb", "s_bh", "s_bm", "s_kpmb")
+
+
+def aot_shape_variants(variant: dict) -> list[dict]:
+    """The ``AOT_SHAPES`` specializations of one AOT variant (format: tests/triton_aot.py)."""
+    out = []
+    for name, shape in AOT_SHAPES.items():
+        sig, cx = dict(variant["signature"]), dict(variant["constexprs"], D=shape["D"])
+        div16 = set(variant["div16"])
+        if shape["odd_lengths"]:
+            div16 -= set(_LENGTH_ARGS)
+        one = {"mha": "G", "mqa": "Hkv"}[shape["heads"]]
+        if one in sig:
+            del sig[one]
+            cx[one] = 1
+        div16 |= {a for a in ("Hq", "Hkv", "G") if a in sig}
+        bd = cx["BLOCK_D"]
+        out.append(dict(variant, signature=sig, constexprs=cx,
+                        div16=[a for a in sig if a in div16], shape=name,
+                        label=variant["label"].replace(f"d{bd} ", f"d{shape['D']} ", 1)
+                        + f" {name}"))
+    return out

@@ -8,15 +8,16 @@ Kernels, each writing its outputs once (no atomics, deterministic):
   its row's prefix, then over the sequence key blocks it can see (causal/window block skipping).
 * ``_bwd_dkdv_kernel``: grid (cdiv(Nk, BN) * B * Hkv,); a sequence key block loops over the G query
   heads of its KV head (GQA reduction in registers) and the query blocks that can see it.
-* ``_bwd_dprefix_kernel`` (``attention_bwd_prefix.py``): dprefix_k / dprefix_v, contraction over
-  every query row of every batch row using that prefix.
+* ``_bwd_dprefix_kernel`` + ``_sum_partials_kernel`` (``attention_bwd_prefix.py``): dprefix_k /
+  dprefix_v; the prefix kernel computes its own delta, writes float32 partials per (batch row,
+  query chunk), and the sum kernel adds them per prefix in a fixed order (deterministic).
 
 Given the final lse and delta each segment's backward is independent, so the prompt-only
-backward (only dprefix_k / dprefix_v requested: q, k, v frozen) launches just the preprocess and
-the prefix kernel; the dQ and dK/dV kernels, whose cost grows with Nq * Nk, never run. In matrix
-products: the full backward costs 2 * D * 7 * (S + R) FLOPs per head (dQ: 3 products over the S
-visible sequence pairs and the R = Nq * P prefix pairs; dK/dV: 4 over S; dprefix: 4 over R), the
-prompt-only one 2 * D * 4 * R: e.g. 3.4% of it for Nq = Nk = 2048 causal, P = 64.
+backward (only dprefix_k / dprefix_v requested: q, k, v frozen) launches just the prefix kernel
+and its sum; the preprocess, dQ and dK/dV kernels, whose cost grows with Nq * Nk, never run. In
+matrix products: the full backward costs 2 * D * 7 * (S + R) FLOPs per head (dQ: 3 products over
+the S visible sequence pairs and the R = Nq * P prefix pairs; dK/dV: 4 over S; dprefix: 4 over R),
+the prompt-only one 2 * D * 4 * R: e.g. 3.4% of it for Nq = Nk = 2048 causal, P = 64.
 
 Grids fold (batch, head) into axis 0 (no 65,535 limit on B * Hq). Configurations: one table per
 kernel, arch (sm_80 / sm_90), dtype class and head-dim bucket (``candidates``); the first that
@@ -30,12 +31,14 @@ import triton
 import triton.language as tl
 
 from ptkernels.backends.triton import configs
-from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_signature, alloc,
-                                              block_d, cast_rounded, launch_first_fitting,
-                                              load_tile, mma, prefix_mode, prefix_of_row,
-                                              round_to, strides, tanh)
+from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_shape_variants,
+                                              aot_signature, alloc, block_d, cast_rounded,
+                                              fp32_dots_mode,
+                                              launch_first_fitting, load_tile, mma, prefix_mode,
+                                              prefix_of_row, round_to, strides, tanh)
 from ptkernels.backends.triton.configs import Config
-from ptkernels.backends.triton.attention_bwd_prefix import _bwd_dprefix_kernel, _key_block_step
+from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_tile_grads,
+                                                            _sum_partials_kernel, prefix_block)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
 
 
@@ -197,6 +200,35 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base,
+                    s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
+                    m0, offs_n, col_valid, b, h, Hq, Nq, D: tl.constexpr, diag_off, window,
+                    scale, softcap, dropout_p, seed, row_len, col0,
+                    MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    FP32_DOTS: tl.constexpr):
+    """dK/dV contributions of the query block [m0, m0 + BLOCK_M) of head (b, h) to one sequence
+    key block (``_key_tile_grads`` after loading the query tiles, lse and delta)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    md = row_ok[:, None] & (offs_d[None, :] < D)
+    q = load_tile(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
+    do = load_tile(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md, FP32_DOTS)
+    # Rows past Nq or that see no key (lse == -inf) get lse = +inf: probability exactly 0.
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    return _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
+                           offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
+                           scale, softcap, dropout_p, seed, row_len, col0,
+                           MASK_CAUSAL, MASK_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                           NEED_DK, NEED_DV, q_base.dtype.element_ty, BLOCK_M, BLOCK_N, FP32_DOTS)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, kpm_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -281,20 +313,16 @@ _C = Config
 _FP32 = {
     "dq": {64: [_C(32, 32, 4, 2)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
     "dkdv": {64: [_C(16, 32, 4, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
-    "dprefix": {64: [_C(16, 32, 8, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 4, 1)]},
 }
-# sm_90's ptxas spills the D = 256 prefix kernel with 4 warps (sm_80's spills it with 8)
-_FP32_90 = dict(_FP32, dprefix={**_FP32["dprefix"], 256: [_C(16, 16, 8, 1)]})
+_FP32_90 = _FP32
 _HEAVY = {
     "dq": {64: [_C(64, 32, 4, 2), _C(128, 32, 8, 2)], 128: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)],
            256: [_C(32, 32, 4, 1)]},
     "dkdv": {64: [_C(16, 64, 4, 1)], 128: [_C(16, 64, 8, 1)], 256: [_C(16, 32, 4, 1)]},
-    # the prefix kernel's three nested loops (rows, GQA heads, query blocks) cost a few more
-    # registers: wider warps at D = 256
-    "dprefix": {64: [_C(16, 64, 4, 1)], 128: [_C(16, 64, 8, 1)], 256: [_C(16, 32, 8, 1)]},
 }
-_HEAVY_90 = dict(_HEAVY, dkdv={**_HEAVY["dkdv"], 64: [_C(16, 64, 4, 1), _C(32, 64, 4, 1)]},
-                 dq={**_HEAVY["dq"], 128: [_C(64, 32, 4, 2)]})
+# (sm_90 dq at D = 128 used to run 64x32 with 4 warps: with D = 80, odd lengths and MHA heads
+# (tests/test_triton_aot.py's shape variants) it spills 24 B there; 8 warps do not)
+_HEAVY_90 = dict(_HEAVY, dkdv={**_HEAVY["dkdv"], 64: [_C(16, 64, 4, 1), _C(32, 64, 4, 1)]})
 # Light calls: pipelined (3-stage, cp.async) tiles. sm_90 holds 32x128 dK/dV tiles (wgmma reads
 # its operands from shared memory); on sm_80 / sm_86 they spill, 32x64 with 8 warps does not.
 _LIGHT = {
@@ -302,16 +330,35 @@ _LIGHT = {
            256: [_C(32, 32, 4, 1)]},
     "dkdv": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 4, 1)]},
-    "dprefix": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)],
-                128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)], 256: [_C(16, 32, 8, 1)]},
 }
-_LIGHT_90 = dict(_LIGHT, **{k: {**_LIGHT[k], 64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)],
-                                128: [_C(32, 128, 8, 3), _C(16, 64, 8, 1)]}
-                            for k in ("dkdv", "dprefix")})
+_LIGHT_90 = dict(_LIGHT, dkdv={**_LIGHT["dkdv"], 64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)],
+                               128: [_C(32, 128, 8, 3), _C(16, 64, 8, 1)]})
+# Prefix gradients (attention_bwd_prefix.py): Config(query rows per step, BLOCK_P = prefix rows
+# held, warps, stages); ``candidates(..., block_p=)`` keeps those of one BLOCK_P, and the call's
+# BLOCK_P is the smallest of the list that holds the whole prefix, else the largest (the prefix
+# is then split over blocks that each re-read the query rows; ``prefix_block``). The program
+# keeps two float32 (BLOCK_P, D) accumulators, the score tiles and the Q / dO / O tiles live at
+# once, so the query step shrinks as BLOCK_P * D grows: 128 rows a step fit with 16 prefix rows
+# at D = 64, 16 with 128 prefix rows at D = 128; larger pairs spill (measured with the AOT
+# compile). The kernel is memory-bound at every entry (per query row it reads Q, O and dO, 6 * D
+# bytes, for 8 * BLOCK_P * D FLOPs), so a prefix of 17 padded to 64 rows costs tensor-core time
+# that the loads hide. Every entry fits sm_86's 99 KB: one table for all architectures.
+_PREFIX = {
+    "16bit": {64: [_C(128, 16, 8, 2), _C(32, 64, 4, 3), _C(32, 128, 8, 3)],
+              128: [_C(64, 16, 8, 2), _C(32, 64, 8, 2), _C(16, 128, 8, 2)],
+              256: [_C(32, 16, 8, 2), _C(32, 32, 8, 2)]},
+    "16bit_heavy": {64: [_C(128, 16, 8, 2), _C(16, 64, 8, 2), _C(16, 128, 8, 2)],
+                    128: [_C(64, 16, 8, 2), _C(32, 32, 8, 2)],
+                    256: [_C(32, 16, 8, 2), _C(16, 32, 8, 2)]},
+    "fp32": {64: [_C(32, 16, 4, 2), _C(16, 32, 8, 2)],
+             128: [_C(32, 16, 8, 1), _C(16, 32, 8, 1)],
+             256: [_C(16, 16, 8, 1)]},
+}
 
 
-def _tables(light, heavy, fp32):
-    return {k: {"16bit": light[k], "16bit_heavy": heavy[k], "fp32": fp32[k]} for k in light}
+def _tables(light, heavy, fp32, prefix=_PREFIX):
+    out = {k: {"16bit": light[k], "16bit_heavy": heavy[k], "fp32": fp32[k]} for k in light}
+    return dict(out, dprefix=prefix)
 
 
 _BWD = {80: _tables(_LIGHT, _HEAVY, _FP32), 86: _tables(_LIGHT, _HEAVY, _FP32),
@@ -320,19 +367,21 @@ _BWD = {80: _tables(_LIGHT, _HEAVY, _FP32), 86: _tables(_LIGHT, _HEAVY, _FP32),
 INTERPRET_CONFIG = Config(32, 32, 4, 1)
 
 
-def fp32_dots(dtype: torch.dtype, block_d: int) -> bool:
-    """Whether the kernels multiply in exact fp32 (see attention_bwd_prefix.py)."""
-    return INTERPRET or (dtype == torch.float32 and block_d >= 128)
+def fp32_dots(dtype: torch.dtype, block_d: int) -> int:
+    """The FP32_DOTS mode (``_common.mma``): float32 with D >= 128 multiplies exactly on the GPU
+    (every tf32x3 dQ tile spilled on sm_90 there)."""
+    return fp32_dots_mode(dtype, exact_on_gpu=dtype == torch.float32 and block_d >= 128)
 
 
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,
-               heavy: bool = True) -> list[Config]:
+               heavy: bool = True, block_p: int | None = None) -> list[Config]:
     """Every configuration the backward may run ``kernel`` ("dq", "dkdv", "dprefix") with;
-    ``heavy`` = the call has an attention bias, soft-capping or dropout."""
+    ``heavy`` = the call has an attention bias, soft-capping or dropout; ``block_p`` (dprefix
+    only) keeps the configurations of that prefix block (all when None)."""
     table = _BWD[configs.table_arch(arch)][kernel]
     bucket = next(ub for ub in configs.HEAD_DIM_BUCKETS if block_d <= ub)
     cls = "fp32" if dtype == torch.float32 else ("16bit_heavy" if heavy else "16bit")
-    return list(table[cls][bucket])
+    return [c for c in table[cls][bucket] if block_p is None or c.block_n == block_p]
 
 
 _CHOSEN: dict = {}
@@ -349,29 +398,46 @@ def _launch(name: str, kernel, grid, *args, **kwargs):
     kernel[grid](*args, **kwargs)
 
 
-def _run(name: str, kernel, grid_fn, key: tuple, dtype, block_d: int, device, *args, **kwargs):
+def _run(name: str, kernel, grid_fn, key: tuple, dtype, block_d: int, device, *args,
+         block_p: int | None = None, **kwargs):
     """Launch ``kernel`` with the configuration for this call: fixed under the interpreter, else
-    the first candidate the GPU can hold (``launch_first_fitting``: deterministic, no timing)."""
+    the first candidate the GPU can hold (``launch_first_fitting``: deterministic, no timing).
+    ``block_p``: the prefix kernel's BLOCK_P (its configurations' block_n)."""
+    n_name = "BLOCK_N" if block_p is None else "BLOCK_P"
+
     def run(cfg):
         _launch(name, kernel, grid_fn(cfg), *args, **kwargs, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                **{n_name: cfg.block_n}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if INTERPRET or device.type != "cuda":
-        return run(INTERPRET_CONFIG)
+        cfg = INTERPRET_CONFIG
+        return run(cfg if block_p is None else cfg._replace(block_n=block_p))
     major, minor = torch.cuda.get_device_capability(device)
     arch = major * 10 + minor
     heavy = bool(kwargs["HAS_BIAS"] or kwargs["HAS_SOFTCAP"] or kwargs["HAS_DROPOUT"])
-    launch_first_fitting(_CHOSEN, (name, arch, dtype, block_d) + key,
-                         candidates(name, arch, dtype, block_d, heavy), run)
+    launch_first_fitting(_CHOSEN, (name, arch, dtype, block_d, block_p) + key,
+                         candidates(name, arch, dtype, block_d, heavy, block_p), run)
 
 
-def _prefix_split(num_programs: int, nq: int, device) -> int:
-    """Split the prefix kernel's query contraction over NSPLIT programs when its grid (T * Hkv *
-    cdiv(P, BLOCK_N)) is too small to fill the GPU; partials are summed in a fixed order."""
+# Query rows per chunk of the prefix kernel are a multiple of this (a multiple of every BLOCK_M
+# of its table, so the chunking does not depend on the configuration).
+CHUNK_ROWS = 128
+
+
+def _prefix_chunks(programs: int, nq: int, device) -> tuple[int, int]:
+    """(NCHUNK, rows per chunk): the query rows of each (batch row, KV head, prefix block) are
+    split into NCHUNK chunks so that the prefix kernel has about two programs per SM (a shared
+    prefix with a small batch still fills the GPU). Under the interpreter: at most 2 chunks of
+    INTERPRET_CONFIG.block_m rows (the chunked path runs in every test)."""
     if INTERPRET or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(nq, 128), (2 * sms) // max(num_programs, 1), 16))
+        unit, want = INTERPRET_CONFIG.block_m, 2
+    else:
+        unit = CHUNK_ROWS
+        want = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count,
+                           max(programs, 1))
+    n_units = triton.cdiv(nq, unit)
+    rows = triton.cdiv(n_units, max(1, min(want, n_units))) * unit
+    return triton.cdiv(nq, rows), rows
 
 
 def _bank_rows(prefix_index: torch.Tensor, t: int):
@@ -383,6 +449,46 @@ def _bank_rows(prefix_index: torch.Tensor, t: int):
     bounds = torch.arange(t + 1, device=prefix_index.device, dtype=sorted_index.dtype)
     row_start = torch.searchsorted(sorted_index, bounds).to(torch.int32)
     return rows.to(torch.int32), row_start
+
+
+def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_index, bias,
+                  s_bias, row_len, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk,
+                  dpv):
+    """dprefix_k / dprefix_v (T, Hkv, P, D) into ``dpk`` / ``dpv`` (contiguous): the prefix
+    kernel's float32 partials (B, NCHUNK, Hkv, P, D), then their fixed-order sum per prefix
+    (attention_bwd_prefix.py)."""
+    b, hq, nq, d = q.shape
+    t, hkv, p_len = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+    dev, bd = q.device, flags["BLOCK_D"]
+    heavy = bool(flags["HAS_BIAS"] or flags["HAS_SOFTCAP"] or flags["HAS_DROPOUT"])
+    arch = 80  # the interpreter follows the sm_80 table
+    if dev.type == "cuda" and not INTERPRET:
+        major, minor = torch.cuda.get_device_capability(dev)
+        arch = major * 10 + minor
+    bp = prefix_block(p_len, [c.block_n for c in candidates("dprefix", arch, q.dtype, bd, heavy)])
+    n_pb = triton.cdiv(p_len, bp)
+    n_chunk, chunk_rows = _prefix_chunks(n_pb * b * hkv, nq, dev)
+    ws_shape = (b, n_chunk, hkv, p_len, d)
+    wk = torch.empty(ws_shape, dtype=torch.float32, device=dev) if need_dpk else q
+    wv = torch.empty(ws_shape, dtype=torch.float32, device=dev) if need_dpv else q
+    _run("dprefix", _bwd_dprefix_kernel, lambda c: (n_pb * n_chunk * b * hkv,),
+         tune_key + (mode,), q.dtype, bd, dev,
+         q, grad_out, out, lse, grad_lse if grad_lse is not None else q, prefix_k, prefix_v,
+         prefix_index if mode == 3 else q, bias, wk, wv,
+         *q.stride(), *grad_out.stride(), *out.stride(), *strides(grad_lse, 3),
+         *prefix_k.stride(), *prefix_v.stride(), *s_bias,
+         hq, hkv, nq, p_len, row_len, chunk_rows, n_chunk,
+         opts["scale"], opts["softcap"], opts["dropout_p"], seed,
+         block_p=bp, PREFIX_MODE=mode, HAS_GLSE=grad_lse is not None,
+         NEED_DK=need_dpk, NEED_DV=need_dpv, **flags)
+    rows = row_start = q
+    if mode == 3:
+        rows, row_start = _bank_rows(prefix_index, t)
+    block = 1024
+    _launch("dprefix_sum", _sum_partials_kernel, (triton.cdiv(p_len * d, block), t * hkv),
+            wk, wv, rows, row_start, dpk if need_dpk else q, dpv if need_dpv else q,
+            b, hkv, p_len * d, n_chunk, PREFIX_MODE=mode, NEED_DK=need_dpk, NEED_DV=need_dpv,
+            BLOCK=block, FP32_DOTS=INTERPRET, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,12 +535,13 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
                  HAS_DROPOUT=dropout_p > 0, D=d, BLOCK_D=bd, FP32_DOTS=fp32_dots(q.dtype, bd))
     tune_key = (d, tuple(sorted(k for k, v in flags.items() if v is True)))
 
-    delta = torch.empty((b, hq, nq), dtype=torch.float32, device=dev)
-    pre_m = _preprocess_block_m(bd)
-    _launch("preprocess", _bwd_preprocess_kernel, (triton.cdiv(nq, pre_m) * b * hq,),
-            out, grad_out, grad_lse if grad_lse is not None else dummy, delta,
-            *out.stride(), *grad_out.stride(), *strides(grad_lse, 3), hq, nq, D=d,
-            HAS_GLSE=grad_lse is not None, BLOCK_M=pre_m, BLOCK_D=bd, num_warps=4)
+    if need_dq or need_dk or need_dv:  # the prefix kernel computes its own delta
+        delta = torch.empty((b, hq, nq), dtype=torch.float32, device=dev)
+        pre_m = _preprocess_block_m(bd)
+        _launch("preprocess", _bwd_preprocess_kernel, (triton.cdiv(nq, pre_m) * b * hq,),
+                out, grad_out, grad_lse if grad_lse is not None else dummy, delta,
+                *out.stride(), *grad_out.stride(), *strides(grad_lse, 3), hq, nq, D=d,
+                HAS_GLSE=grad_lse is not None, BLOCK_M=pre_m, BLOCK_D=bd, num_warps=4)
 
     bias = attn_bias if attn_bias is not None else dummy
     s_bias = strides(attn_bias, 4)
@@ -469,31 +576,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
         dv.zero_()
 
     if need_dpk or need_dpv:
-        t = prefix_k.shape[0]
-        rows = row_start = dummy
-        if mode == 3:
-            rows, row_start = _bank_rows(prefix_index, t)
-        nsplit = _prefix_split(triton.cdiv(p_len, 64) * t * hkv, nq, dev)
-        if nsplit > 1:  # float32 partials (NSPLIT, T, Hkv, P, D), summed below in a fixed order
-            gk = torch.empty((nsplit,) + tuple(prefix_k.shape), dtype=torch.float32, device=dev)
-            gv = torch.empty_like(gk)
-            s_g = gk.stride()
-        else:
-            gk, gv = (dpk if need_dpk else dummy), (dpv if need_dpv else dummy)
-            s_g = (0,) + tuple((dpk if need_dpk else dpv).stride())
-        _run("dprefix", _bwd_dprefix_kernel,
-             lambda c: (triton.cdiv(p_len, c.block_n) * t * hkv, nsplit), tune_key + (mode, nsplit),
-             q.dtype, bd, dev,
-             q, grad_out, lse, delta, prefix_k, prefix_v, bias, rows, row_start, gk, gv,
-             *q.stride(), *grad_out.stride(), *prefix_k.stride(), *prefix_v.stride(), *s_bias,
-             *s_g, b, hq, hkv, nq, p_len, p_len + nk,
-             opts["scale"], opts["softcap"], opts["dropout_p"], seed,
-             PREFIX_MODE=mode, NEED_DK=need_dpk, NEED_DV=need_dpv, NSPLIT=nsplit, **flags)
-        if nsplit > 1:
-            if need_dpk:
-                dpk.copy_(gk.sum(0))
-            if need_dpv:
-                dpv.copy_(gv.sum(0))
+        _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_index, bias,
+                      s_bias, p_len + nk, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk, dpv)
     return dq, dk, dv, dpk, dpv
 
 
@@ -505,24 +589,30 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
 
 _ALL_FEATURES = dict(PREFIX_MODE=3, CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True,
                      HAS_BIAS=True, HAS_SOFTCAP=True, HAS_DROPOUT=True, NEED_DK=True,
-                     NEED_DV=True, NSPLIT=1)
+                     NEED_DV=True, HAS_GLSE=True)
 _LIGHT_FEATURES = dict(_ALL_FEATURES, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
 # Unit strides the JIT specializes to 1 for contiguous inputs (head dim, mask and bias columns).
 _UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_pkd", "s_pvd", "s_kpmn", "s_bn", "s_dod", "s_dqd",
-                 "s_gd")
+                 "s_gd", "s_od", "s_gm")
 _FLOAT_ARGS = ("scale", "softcap", "dropout_p")
 # Lengths the JIT sees divisible by 16 in a typical call (e.g. 2048); P, B and the head counts
 # are left unmarked (any value).
-_DIV16_INTS = ("Nq", "Nk", "row_len")
+_DIV16_INTS = ("Nq", "Nk", "row_len", "rows_per_chunk")
 _POINTERS = {"q_ptr": "DT", "k_ptr": "DT", "v_ptr": "DT", "pk_ptr": "DT", "pv_ptr": "DT",
              "do_ptr": "DT", "dq_ptr": "DT", "dk_ptr": "DT", "dv_ptr": "DT", "dpk_ptr": "DT",
              "dpv_ptr": "DT", "pidx_ptr": "i64", "kpm_ptr": "u8", "bias_ptr": "fp32",
-             "lse_ptr": "fp32", "delta_ptr": "fp32", "rows_ptr": "i32", "row_start_ptr": "i32"}
+             "lse_ptr": "fp32", "delta_ptr": "fp32", "rows_ptr": "i32", "row_start_ptr": "i32",
+             "o_ptr": "DT", "glse_ptr": "fp32", "wk_ptr": "fp32", "wv_ptr": "fp32"}
+
+
+# fp16 and bf16 share the 16-bit tables and their code differs only in conversions: the 16-bit
+# variants are compiled in bf16 (configs.aot_dtype), as the forward's.
+_AOT_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
     out = []
-    for dtype in configs.DTYPES:
+    for dtype in _AOT_DTYPES:
         dt = SIG_DTYPE[dtype]
         ptrs = {a: "*" + (dt if t == "DT" else t) for a, t in _POINTERS.items()
                 if a in kernel.arg_names}
@@ -531,8 +621,9 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
             for cfg in candidates(name, arch, dtype, bd, heavy):
                 exact = dtype == torch.float32 and bd >= 128  # fp32_dots() on a GPU
                 feats = _ALL_FEATURES if heavy else _LIGHT_FEATURES
-                cx = dict(feats, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-                          D=bd, FP32_DOTS=exact, **{s: 1 for s in _UNIT_STRIDES})
+                cx = dict(feats, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_P=cfg.block_n, BLOCK_D=bd, D=bd, FP32_DOTS=exact,
+                          **{s: 1 for s in _UNIT_STRIDES})
                 cx = {k: v for k, v in cx.items() if k in kernel.arg_names}
                 sig = aot_signature(kernel, ptrs, _FLOAT_ARGS, cx)
                 div16 = [a for a in sig if a in ptrs or a in _DIV16_INTS
@@ -543,12 +634,15 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
                             "div16": div16, "num_warps": cfg.num_warps,
                             "num_stages": cfg.num_stages, "tensor_cores": not exact,
                             "async_loads": cfg.num_stages > 1})
+                first = cfg == candidates(name, arch, dtype, bd, heavy)[0]
+                if (dt, bd) == ("bf16", 128) and first and configs.table_arch(arch) != 86:
+                    out += aot_shape_variants(out[-1])
     return out
 
 
 def _preprocess_variants(arch: int) -> list[dict]:
     out = []
-    for dtype in configs.DTYPES:
+    for dtype in _AOT_DTYPES:
         dt = SIG_DTYPE[dtype]
         ptrs = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "glse_ptr": "*fp32", "delta_ptr": "*fp32"}
         for bd in configs.HEAD_DIM_BUCKETS:
@@ -559,6 +653,21 @@ def _preprocess_variants(arch: int) -> list[dict]:
             out.append({"label": f"{dt} d{bd} grad_lse", "config": f"{cx['BLOCK_M']} rows w4 s1",
                         "signature": sig, "constexprs": cx, "div16": div16, "num_warps": 4,
                         "num_stages": 1, "tensor_cores": False})
+    return out
+
+
+def _sum_variants(arch: int) -> list[dict]:
+    out = []
+    for dtype in _AOT_DTYPES:
+        dt = SIG_DTYPE[dtype]
+        ptrs = {"wk_ptr": "*fp32", "wv_ptr": "*fp32", "rows_ptr": "*i32", "row_start_ptr": "*i32",
+                "dpk_ptr": f"*{dt}", "dpv_ptr": f"*{dt}"}
+        cx = {"PREFIX_MODE": 3, "NEED_DK": True, "NEED_DV": True, "BLOCK": 1024,
+              "FP32_DOTS": False}
+        sig = aot_signature(_sum_partials_kernel, ptrs, (), cx)
+        out.append({"label": f"{dt} bank", "config": "1024 w4 s1", "signature": sig,
+                    "constexprs": cx, "div16": list(ptrs), "num_warps": 4, "num_stages": 1,
+                    "tensor_cores": False})
     return out
 
 
@@ -575,7 +684,11 @@ AOT_SPECS = [
      "products_per_tile": "4 (KQ^T, V dO^T, P^T dO, dS^T Q)",
      "variants": lambda arch: _aot_variants(_bwd_dkdv_kernel, "dkdv", arch)},
     {"name": "attention_bwd_dprefix", "kernel": _bwd_dprefix_kernel,
-     "description": "dprefix_k/dprefix_v, contraction over all query rows (prompt-only backward)",
+     "description": "dprefix_k/dprefix_v partials of (batch row, query chunk), delta in-kernel "
+                    "(prompt-only backward); config = query rows x prefix block",
      "products_per_tile": "4 (KQ^T, V dO^T, P^T dO, dS^T Q)",
      "variants": lambda arch: _aot_variants(_bwd_dprefix_kernel, "dprefix", arch)},
+    {"name": "attention_bwd_dprefix_sum", "kernel": _sum_partials_kernel,
+     "description": "fixed-order float32 sum of the dprefix partials per prefix (deterministic)",
+     "variants": _sum_variants},
 ]

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ptkernels.backends.triton import configs
-from ptkernels.backends.triton._common import (INTERPRET, LN2, LOG2E, aot_signature, block_d,
+from ptkernels.backends.triton._common import (INTERPRET, LN2, LOG2E, aot_shape_variants,
+                                              aot_signature, block_d, fp32_dots_mode,
                                               launch_first_fitting, mma, prefix_mode, round_to,
                                               strides, tanh)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
@@ -170,7 +171,7 @@ class Launch:
         self.flags = dict(D=self.d, PREFIX_MODE=self.mode, CAUSAL=bool(causal),
                           HAS_WINDOW=window > 0, HAS_KPM=kpm is not None,
                           HAS_BIAS=attn_bias is not None, HAS_SOFTCAP=softcap > 0,
-                          HAS_DROPOUT=dropout_p > 0, FP32_DOTS=INTERPRET)
+                          HAS_DROPOUT=dropout_p > 0, FP32_DOTS=fp32_dots_mode(q.dtype))
         self.dtype, self.device = q.dtype, q.device
 
 
@@ -244,4 +245,7 @@ def aot_variants(kernel, kernel_kind: str, arch: int, extra_ptrs=None) -> list[d
                                 "signature": sig, "constexprs": cx, "div16": div16,
                                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                 "tensor_cores": True, "async_loads": cfg.num_stages > 1})
+                    first = cfg == configs.candidates(kernel_kind, arch, dtype, bd, heavy)[0]
+                    if (dt, bd) == ("bf16", 128) and first and configs.table_arch(arch) != 86:
+                        out += aot_shape_variants(out[-1])
     return out
