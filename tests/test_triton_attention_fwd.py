@@ -84,6 +84,58 @@ def test_decode_matches_main_and_reference(case):
     assert (lse_d[finite] - lse_m[finite]).abs().max().item() <= 1e-4
 
 
+# GQA packing (decode.py): the G query heads of one KV head share a program's rows. GQA-8 and MQA
+# with every per-row quantity (causal offset, padding, bias row, dropout stream); 3 x 8 = 24 and
+# 3 x 6 = 18 packed rows make row blocks that straddle heads and end in a tail.
+PACKED_CASES = [
+    Case(b=2, hq=16, hkv=2, nq=1, nk=70, p=7, causal=True, padding="left", bias="full",
+         dropout_p=0.2),
+    Case(b=2, hq=16, hkv=2, nq=3, nk=70, p=40, form="per_row", causal=True, padding="right",
+         bias="full", dropout_p=0.2),
+    Case(b=2, hq=6, hkv=1, nq=3, nk=70, p=7, form="bank", causal=True, padding="left",
+         bias="heads", dropout_p=0.3, window=30),
+    Case(b=1, hq=8, hkv=1, nq=1, nk=70, p=0, form="none", causal=True, padding="right",
+         bias="full", dropout_p=0.2, softcap=3.0),
+]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=_ids(PACKED_CASES))
+def test_decode_gqa_packed(case):
+    check_forward_against_reference(case, torch.float32, forward_decode, seed=9,
+                                    dropout_mask_fn=dropout_keep_mask)
+
+
+def test_decode_gqa_packed_bf16():
+    case = dataclasses.replace(PACKED_CASES[1], dropout_p=0.0)
+    check_forward_against_reference(case, torch.bfloat16, forward_decode, seed=10)
+
+
+def test_decode_launches_one_program_per_kv_head(monkeypatch):
+    """The packed path runs: axis 0 of the decode grid counts B * Hkv (times the splits), not
+    B * Hq, and axis 1 the row blocks of the G * Nq packed rows."""
+    from ptkernels.backends.triton import decode
+
+    grids = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append((grid, args[-1], kwargs["BLOCK_M"]))  # args[-1]: n_split
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_kernel", Recorder(decode._decode_kernel))
+    case = dataclasses.replace(PACKED_CASES[1], dropout_p=0.0, bias=None)
+    check_forward_against_reference(case, torch.float32, forward_decode, seed=11)
+    (grid, n_split, block_m), = grids
+    assert n_split >= 2  # the prefix and the sequence are both split
+    g = case.hq // case.hkv
+    assert grid == (n_split * case.b * case.hkv, -(-g * case.nq // block_m))
+
+
 def test_dispatch_rule():
     assert attention_fwd.use_decode(1, 64, 4096)
     assert attention_fwd.use_decode(16, 0, attention_fwd.DECODE_MIN_KEYS)

@@ -3,14 +3,21 @@
 With Nq <= 16 the main kernel would run one program per (b, h) and leave most of the GPU idle
 while each program walks P + Nk keys alone. Here the keys are split over programs instead
 (FlashDecoding / FlashInfer cascade style): the prefix and the sequence (the cache) are separate
-segments, each cut into chunks of ``chunk`` keys; program (s, b*h, m) computes a partial softmax over
-chunk s and writes a float32 partial output (normalized) and its natural-log lse to workspaces
+segments, each cut into chunks of ``chunk`` keys; program (s, b*Hkv, r) computes a partial softmax
+over chunk s and writes a float32 partial output (normalized) and its natural-log lse to workspaces
 (B*Hq, S, Nq, D) / (B*Hq, S, Nq). A combine kernel merges the S partials by logsumexp:
 lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) * out_s. Chunks that causal / window
 masking empties give lse_s = -inf and weight 0.
 
-Semantics are those of ``attention_fwd`` (same score pipeline, same dropout mask since mask
-columns are global), so the normal backward applies to a decode-path forward.
+GQA packing: decode is memory bound (each key is used by only G * Nq query rows), so the G = Hq /
+Hkv query heads that share a KV head are packed into one program's rows: packed row
+r in [0, G * Nq) is query head h = kvh * G + r // Nq, query row m = r % Nq. Each K/V tile is then
+loaded once per KV head (per block of BLOCK_M packed rows) instead of once per query head; every
+row keeps its own causal / window offset, bias row, dropout stream and workspace slot. MHA (G = 1)
+is the degenerate case r = m.
+
+Semantics are those of ``attention_fwd`` (same score pipeline, same dropout mask since the mask is
+a function of (b, h, m, column) only), so the normal backward applies to a decode-path forward.
 """
 from __future__ import annotations
 
@@ -18,16 +25,107 @@ import torch
 import triton
 import triton.language as tl
 
-from ptkernels.backends.triton._common import (INTERPRET, aot_signature, alloc, cast_rounded,
-                                              prefix_of_row)
+from ptkernels.backends.triton._common import (INTERPRET, LOG2E, aot_signature, alloc,
+                                              cast_rounded, mma, prefix_of_row, round_to, tanh)
 from ptkernels.backends.triton.attention_fwd_blocks import (DIV16_INTS, Launch, aot_variants,
-                                                            attend_segment,
-                                                            finish_rows, launch_with_config,
-                                                            sequence_bounds, start_query_block)
+                                                            finish_rows, launch_with_config)
+from ptkernels.backends.triton.dropout import dropout_keep
 
 # Keys per split: enough to amortize a program's setup, small enough to spread a 4k cache over
-# a few dozen programs per (b, h).
+# a few dozen programs per (b, kv head).
 MIN_CHUNK = 256
+
+
+@triton.jit
+def packed_rows(r0, Nq, G, BLOCK_M: tl.constexpr):
+    """Packed rows [r0, r0 + BLOCK_M) of one KV head: (row_ok, g, m), each (BLOCK_M,): row valid
+    (r < G * Nq), query head within the group (h = kvh * G + g) and query row m."""
+    r = r0 + tl.arange(0, BLOCK_M)
+    return r < G * Nq, r // Nq, r % Nq
+
+
+@triton.jit
+def packed_sequence_bounds(m, row_ok, Nq, Nk, q_off, window, BLOCK_N: tl.constexpr,
+                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Sequence keys [lo, hi) that some packed row (query rows m, (BLOCK_M,)) may see; lo a
+    multiple of BLOCK_N. The rows of a block are not contiguous query indices (they wrap at
+    each head), so the bounds come from the block's smallest and largest m."""
+    hi = Nk
+    if CAUSAL:
+        m_max = tl.max(tl.where(row_ok, m, 0), 0)
+        hi = tl.maximum(tl.minimum(Nk, m_max + 1 + q_off), 0)
+    lo = 0
+    if HAS_WINDOW:
+        m_min = tl.min(tl.where(row_ok, m, Nq), 0)
+        lo = tl.maximum(m_min + q_off - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def attend_segment_packed(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi,
+                          n_valid, col0, n_cols, m, row_ok, bias_rows, s_bn, kpm_base, s_kpmn,
+                          seed, bh, dropout_p, scale, softcap, window, q_off, D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_SEQ: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr, FP32_DOTS: tl.constexpr):
+    """``attend_segment`` (attention_fwd_blocks.py) for packed rows of several query heads: the
+    same score pipeline, with per-row head quantities instead of one (b, h) per program.
+
+    m (BLOCK_M,) query row of each packed row; bias_rows (BLOCK_M,) pointers at
+    bias[b, h_r, m_r, 0] (column stride s_bn); bh (BLOCK_M,) b * Hq + h_r (the dropout stream);
+    the other arguments as in ``attend_segment``.
+    """
+    DT: tl.constexpr = v_base.dtype.element_ty
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < n_valid
+        kt = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if FP32_DOTS:
+            kt = kt.to(tl.float32)
+        s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), FP32_DOTS)
+        if HAS_SOFTCAP:
+            s = (softcap * LOG2E) * tanh(s * (scale / softcap))
+        else:
+            s = s * (scale * LOG2E)
+        if HAS_BIAS:
+            bias = tl.load(bias_rows[:, None] + (col0 + cols)[None, :] * s_bn,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * LOG2E
+        valid = col_ok[None, :]
+        if IS_SEQ:
+            qpos = m[:, None] + q_off
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= qpos)
+            if HAS_WINDOW:
+                valid = valid & (qpos - cols[None, :] < window)
+            if HAS_KPM:
+                keep_key = tl.load(kpm_base + cols * s_kpmn, mask=col_ok, other=0)
+                valid = valid & (keep_key != 0)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf: use 0 as its base so that
+        # exp2(-inf - base) = 0 instead of NaN.
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_base)
+        p = tl.exp2(s - m_base[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # bh as a column: each row draws from its own head's stream, as in the main kernel
+            keep = dropout_keep(seed, bh[:, None], m, col0 + cols, n_cols, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if FP32_DOTS:
+            v = v.to(tl.float32)
+        acc = mma(round_to(p, DT, FP32_DOTS), v, acc * alpha[:, None], FP32_DOTS)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -43,45 +141,56 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_
                    HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    FP32_DOTS: tl.constexpr):
-    # grid (n_split * B * Hq, cdiv(Nq, BLOCK_M)): (split, b*h) folded into axis 0 (no 65,535
-    # limit on B * Hq); splits [0, n_split_p) cover the prefix.
+    # grid (n_split * B * Hkv, cdiv(G * Nq, BLOCK_M)): (split, b*kvh) folded into axis 0 (no
+    # 65,535 limit on B * Hkv); splits [0, n_split_p) cover the prefix. Axis 1 walks the packed
+    # rows of the G query heads of KV head kvh.
     split = tl.program_id(0) % n_split
-    bh = tl.program_id(0) // n_split
-    pid_m = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    kvh = h // G
-    m0 = pid_m * BLOCK_M
-    rows, row_ok, offs_d, d_ok, q, acc, m_i, l_i = start_query_block(
-        q_ptr, s_qb, s_qh, s_qm, s_qd, b, h, m0, Nq, D, BLOCK_M, BLOCK_D, FP32_DOTS)
-    bias_base = bias_ptr + b * s_bb + h * s_bh
+    bkv = tl.program_id(0) // n_split
+    Hkv = Hq // G
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    row_ok, g, m = packed_rows(tl.program_id(1) * BLOCK_M, Nq, G, BLOCK_M)
+    h = kvh * G + g  # (BLOCK_M,) int64
+    bh = b * Hq + h
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if FP32_DOTS:
+        q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bias_rows = bias_ptr + (b * s_bb + h * s_bh + m * s_bm)
     n_cols = P + Nk
     q_off = Nk - Nq
     if split < n_split_p:
         t = prefix_of_row(pidx_ptr, b, PREFIX_MODE)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, P)
-        acc, m_i, l_i = attend_segment(
+        acc, m_i, l_i = attend_segment_packed(
             acc, m_i, l_i, q, pk_ptr + t * s_pkt + kvh * s_pkh, pv_ptr + t * s_pvt + kvh * s_pvh,
-            s_pkn, s_pkd, s_pvn, s_pvd, lo, hi, hi, 0, n_cols, rows, row_ok, bias_base, s_bm, s_bn,
+            s_pkn, s_pkd, s_pvn, s_pvd, lo, hi, hi, 0, n_cols, m, row_ok, bias_rows, s_bn,
             kpm_ptr, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
             HAS_DROPOUT, FP32_DOTS)
     else:
         lo_c = (split - n_split_p) * chunk
         hi_c = tl.minimum(lo_c + chunk, Nk)
-        lo_v, hi_v = sequence_bounds(m0, Nk, q_off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+        lo_v, hi_v = packed_sequence_bounds(m, row_ok, Nq, Nk, q_off, window, BLOCK_N, CAUSAL,
+                                            HAS_WINDOW)
         # chunk is a multiple of BLOCK_N, so lo stays block aligned
         lo = tl.maximum(lo_c, lo_v)
         hi = tl.minimum(hi_c, hi_v)
-        acc, m_i, l_i = attend_segment(
+        acc, m_i, l_i = attend_segment_packed(
             acc, m_i, l_i, q, k_ptr + b * s_kb + kvh * s_kh, v_ptr + b * s_vb + kvh * s_vh,
-            s_kn, s_kd, s_vn, s_vd, lo, hi, hi_c, P, n_cols, rows, row_ok, bias_base, s_bm, s_bn,
+            s_kn, s_kd, s_vn, s_vd, lo, hi, hi_c, P, n_cols, m, row_ok, bias_rows, s_bn,
             kpm_ptr + b * s_kpmb, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
             HAS_DROPOUT, FP32_DOTS)
     out, lse = finish_rows(acc, m_i, l_i)
-    part = (bh.to(tl.int64) * n_split + split) * Nq + rows
+    # workspace slot of (b, h, split, m): the layout the combine kernel reads, as without packing
+    part = (bh * n_split + split) * Nq + m
     tl.store(opart_ptr + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
     tl.store(lpart_ptr + part, lse, mask=row_ok)
 
@@ -119,12 +228,23 @@ def num_splits(n_keys: int, chunk: int) -> int:
     return triton.cdiv(n_keys, chunk) if n_keys > 0 else 0
 
 
-def choose_chunk(launch: Launch, block_n: int) -> int:
+def packed_row_blocks(launch: Launch, block_m: int) -> int:
+    """Row blocks per (b, kv head): the G * Nq packed rows of its query heads in tiles of block_m."""
+    return triton.cdiv((launch.hq // launch.hkv) * launch.nq, block_m)
+
+
+def decode_grid(launch: Launch, block_m: int, n_split: int) -> tuple[int, int]:
+    """Grid of ``_decode_kernel``: (n_split * B * Hkv, packed row blocks); one program per KV
+    head, not per query head (GQA packing)."""
+    return n_split * launch.b * launch.hkv, packed_row_blocks(launch, block_m)
+
+
+def choose_chunk(launch: Launch, block_m: int, block_n: int) -> int:
     """Keys per split (a multiple of block_n): about 2 programs per SM over the whole grid."""
     if INTERPRET or launch.device.type != "cuda":
         return 2 * block_n  # small chunks so that the tests cross chunk boundaries
     sms = torch.cuda.get_device_properties(launch.device).multi_processor_count
-    rows = launch.b * launch.hq * triton.cdiv(launch.nq, 16)
+    rows = launch.b * launch.hkv * packed_row_blocks(launch, block_m)
     want = max(1, (2 * sms) // max(1, rows))
     chunk = max(MIN_CHUNK, triton.cdiv(launch.p + launch.nk, want))
     return triton.cdiv(chunk, block_n) * block_n
@@ -141,16 +261,15 @@ def forward_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
         return out, lse.fill_(float("-inf"))
 
     def run(cfg):
-        chunk = choose_chunk(L, cfg.block_n)
+        chunk = choose_chunk(L, cfg.block_m, cfg.block_n)
         n_split_p = num_splits(L.p, chunk)
         n_split = max(1, n_split_p + num_splits(L.nk, chunk))
         o_part = alloc((L.b * L.hq, n_split, L.nq, L.block_d), torch.float32, q.device)
         l_part = alloc((L.b * L.hq, n_split, L.nq), torch.float32, q.device)
-        grid = (n_split * L.b * L.hq, triton.cdiv(L.nq, cfg.block_m))
-        _decode_kernel[grid](*L.tensors, o_part, l_part, *L.strides, *L.scalars, chunk,
-                             n_split_p, n_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                             BLOCK_D=L.block_d, **L.flags, num_warps=cfg.num_warps,
-                             num_stages=cfg.num_stages)
+        _decode_kernel[decode_grid(L, cfg.block_m, n_split)](
+            *L.tensors, o_part, l_part, *L.strides, *L.scalars, chunk, n_split_p, n_split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=L.block_d, **L.flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _combine_kernel[(L.nq * L.b * L.hq,)](o_part, l_part, out, lse, L.hq, L.nq, n_split,
                                               *out.stride()[:3], D=L.d,
                                               BLOCK_S=triton.next_power_of_2(n_split),
