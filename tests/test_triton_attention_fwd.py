@@ -86,13 +86,15 @@ def test_decode_matches_main_and_reference(case):
 
 # GQA packing (decode.py): the G query heads of one KV head share a program's rows. GQA-8 and MQA
 # with every per-row quantity (causal offset, padding, bias row, dropout stream); 3 x 8 = 24 and
-# 3 x 6 = 18 packed rows make row blocks that straddle heads and end in a tail.
+# 3 x 6 = 18 packed rows make row blocks that straddle heads and end in a tail. Nk = 66 and
+# window 33 put the key-range bounds of the straddling blocks (packed_sequence_bounds) on a tile
+# edge (the interpreter's BLOCK_N is 32): a bound one key too tight skips a whole tile and fails.
 PACKED_CASES = [
     Case(b=2, hq=16, hkv=2, nq=1, nk=70, p=7, causal=True, padding="left", bias="full",
          dropout_p=0.2),
-    Case(b=2, hq=16, hkv=2, nq=3, nk=70, p=40, form="per_row", causal=True, padding="right",
-         bias="full", dropout_p=0.2),
-    Case(b=2, hq=6, hkv=1, nq=3, nk=70, p=7, form="bank", causal=True, padding="left",
+    Case(b=2, hq=16, hkv=2, nq=3, nk=66, p=40, form="per_row", causal=True, padding="right",
+         bias="full", dropout_p=0.2, window=33),
+    Case(b=2, hq=6, hkv=1, nq=3, nk=66, p=7, form="bank", causal=True, padding="left",
          bias="heads", dropout_p=0.3, window=30),
     Case(b=1, hq=8, hkv=1, nq=1, nk=70, p=0, form="none", causal=True, padding="right",
          bias="full", dropout_p=0.2, softcap=3.0),

@@ -45,18 +45,21 @@ def packed_rows(r0, Nq, G, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def packed_sequence_bounds(m, row_ok, Nq, Nk, q_off, window, BLOCK_N: tl.constexpr,
-                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Sequence keys [lo, hi) that some packed row (query rows m, (BLOCK_M,)) may see; lo a
-    multiple of BLOCK_N. The rows of a block are not contiguous query indices (they wrap at
-    each head), so the bounds come from the block's smallest and largest m."""
+def packed_sequence_bounds(r0, Nq, G, Nk, q_off, window, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Sequence keys [lo, hi) that some packed row of [r0, r0 + BLOCK_M) may see; lo a multiple of
+    BLOCK_N. The block's query rows m are not contiguous (they wrap at each head): a block that
+    straddles two heads holds m = Nq - 1 and m = 0, else m runs from r0 % Nq to r_last % Nq.
+    Scalar arithmetic (a reduction over the row vector here costs registers in the loop)."""
+    r_last = tl.minimum(r0 + BLOCK_M, G * Nq) - 1
+    straddles = (r0 // Nq) != (r_last // Nq)
     hi = Nk
     if CAUSAL:
-        m_max = tl.max(tl.where(row_ok, m, 0), 0)
+        m_max = tl.where(straddles, Nq - 1, r_last % Nq)
         hi = tl.maximum(tl.minimum(Nk, m_max + 1 + q_off), 0)
     lo = 0
     if HAS_WINDOW:
-        m_min = tl.min(tl.where(row_ok, m, Nq), 0)
+        m_min = tl.where(straddles, 0, r0 % Nq)
         lo = tl.maximum(m_min + q_off - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
@@ -149,7 +152,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_
     Hkv = Hq // G
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
-    row_ok, g, m = packed_rows(tl.program_id(1) * BLOCK_M, Nq, G, BLOCK_M)
+    r0 = tl.program_id(1) * BLOCK_M
+    row_ok, g, m = packed_rows(r0, Nq, G, BLOCK_M)
     h = kvh * G + g  # (BLOCK_M,) int64
     bh = b * Hq + h
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,8 +181,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_
     else:
         lo_c = (split - n_split_p) * chunk
         hi_c = tl.minimum(lo_c + chunk, Nk)
-        lo_v, hi_v = packed_sequence_bounds(m, row_ok, Nq, Nk, q_off, window, BLOCK_N, CAUSAL,
-                                            HAS_WINDOW)
+        lo_v, hi_v = packed_sequence_bounds(r0, Nq, G, Nk, q_off, window, BLOCK_M, BLOCK_N,
+                                            CAUSAL, HAS_WINDOW)
         # chunk is a multiple of BLOCK_N, so lo stays block aligned
         lo = tl.maximum(lo_c, lo_v)
         hi = tl.minimum(hi_c, hi_v)
