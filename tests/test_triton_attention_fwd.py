@@ -205,7 +205,8 @@ def test_empty_query():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CORE_CASES + DECODE_CASES, ids=_ids(CORE_CASES + DECODE_CASES))
+@pytest.mark.parametrize("case", CORE_CASES + DECODE_CASES + PACKED_CASES,
+                         ids=_ids(CORE_CASES + DECODE_CASES + PACKED_CASES))
 def test_gpu_cases(case, dtype):
     check_forward_against_reference(case, dtype, attention_fwd.prefix_attention_fwd,
                                     device="cuda", seed=7, dropout_mask_fn=dropout_keep_mask)

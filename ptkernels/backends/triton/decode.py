@@ -233,7 +233,7 @@ def num_splits(n_keys: int, chunk: int) -> int:
 
 
 def packed_row_blocks(launch: Launch, block_m: int) -> int:
-    """Row blocks per (b, kv head): the G * Nq packed rows of its query heads in tiles of block_m."""
+    """Row blocks per (b, kv head): its G * Nq packed query rows in tiles of block_m."""
     return triton.cdiv((launch.hq // launch.hkv) * launch.nq, block_m)
 
 
