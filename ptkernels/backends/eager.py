@@ -7,17 +7,24 @@ size their error budget.
 The fast path (``prefix_attention_fwd`` / ``prefix_attention_bwd``, what the custom op calls) never
 concatenates the prefix, never copies it per batch row and never builds a (Nq, P + Nk) mask:
 
-* prefix segment: one batched matrix product per KV head in which the whole batch (and the GQA
-  group) is folded into the rows, ``(B*G*Nq, D) @ (D, P)``, for a prefix shared by the batch; a
-  batched product per row for per-row and bank prefixes;
-* sequence segment: ``scaled_dot_product_attention``'s CPU flash kernel (which also returns the
-  logsumexp), or a plain math segment when soft-capping or dropout is on;
-* the two merged by their logsumexp.
+* prefix segment: on a CPU without soft-capping or dropout, the CPU flash kernel of
+  ``scaled_dot_product_attention`` (a stride-0 view of a shared prefix); otherwise plain math
+  whose products, for a shared prefix and token-major q, run per head over all B * Nq rows at
+  once, ``(B*Nq, D) @ (D, P)``, so the prefix gradient is one GEMM with no batch reduction;
+* sequence segment: the CPU flash kernel (which also returns the logsumexp), or plain math
+  (soft-capping, dropout, other devices) over causal query chunks, each against only the keys
+  it can see;
+* the two merged by their logsumexp, straight into the output.
+
+Dropout drops with one ``masked_fill`` of the probabilities and applies 1 / (1 - p) to the small
+(.., D) results; the forward's drop mask is kept for its backward (bounded cache, a miss redraws
+the same mask). ``out``, ``dq``, ``dk`` and ``dv`` come back token-major (``token_major_empty``).
 
 The backward keeps only the logsumexp (no probabilities are stored), recomputes each segment's
 probabilities with the final logsumexp and ``delta = rowsum(dO * O)`` (so the segments need no
-"merge backward"), and skips every gradient nobody asked for: with q, k and v frozen only the
-prefix gradients are computed (prompt-only backward).
+"merge backward"; the flash backward takes the merged out and lse), and skips every gradient
+nobody asked for: with q, k and v frozen only the prefix gradients are computed (prompt-only
+backward).
 
 Conventions shared with the other backends (see ``ptkernels/ops/prefix_attention.py``):
 ``window`` -1 = none, ``softcap`` 0.0 = none, ``key_padding_mask`` bool (B, Nk) True = keep,
@@ -40,8 +47,6 @@ NAME = "eager"
 USE_CPU_FLASH = True
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-PREFIX_GEMM_FWD = True
-PREFIX_GEMM_BWD = True
 
 
 def is_available(op: str, device: torch.device) -> tuple[bool, str]:
@@ -574,7 +579,10 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
     geo = _Geometry(q, k, prefix_k, prefix_index, key_padding_mask, attn_bias, dropout_seed,
                     causal, window, softcap, dropout_p, forward=True)
     out = lse = None
-    if geo.p > 0 and geo.flash and not PREFIX_GEMM_FWD:
+    if geo.p > 0 and geo.flash:
+        # The prefix through the flash kernel too: the same products as GEMMs + softmax passes
+        # (``_PrefixLayout``) measured 2-8% slower at P = 32-64 on 2 cores, more so when other
+        # processes compete for them (each small op is a parallel region of its own).
         pk, pv = geo.prefix_sel(prefix_k, prefix_v, prefix_index)
         pk, pv = pk.expand(geo.b, *pk.shape[1:]), pv.expand(geo.b, *pv.shape[1:])
         bias = None if geo.bias_p is None else geo.bias_p.to(q.dtype)
@@ -618,7 +626,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     lse_safe = _safe_lse(lse.to(geo.acc))
     dq = dk = dv = dpk = dpv = None
 
-    if geo.p > 0 and geo.flash and not PREFIX_GEMM_BWD and grad_lse is None and need_dq:
+    if geo.p > 0 and geo.flash and grad_lse is None and need_dq:
         pk, pv = geo.prefix_sel(prefix_k, prefix_v, prefix_index)
         pk, pv = pk.expand(geo.b, *pk.shape[1:]), pv.expand(geo.b, *pv.shape[1:])
         bias = None if geo.bias_p is None else geo.bias_p.to(q.dtype)
