@@ -102,3 +102,15 @@ def test_token_major_inputs_fold_the_shared_prefix(dropout_p):
     assert (out.double() - ref).abs().max() < 1e-5
     for name, a, b in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, want):
         assert (a.double() - b).abs().max() < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CHUNKED_CASES[:-2] + [Case(nq=24, nk=24, p=5, causal=True, hq=4, hkv=2),
+                                                       Case(nq=24, nk=24, p=0, form="none", causal=True)],
+                         ids=Case.id)
+def test_flash_query_blocks_match_reference(case, dtype, monkeypatch):
+    """The CPU flash sequence segment block by block (causal query chunks; square causal ones
+    split into unmasked keys + an is_causal diagonal block), with 4-row chunks."""
+    from ptkernels.backends import eager
+    monkeypatch.setattr(eager, "_CHUNK_ROWS", 4)
+    check_against_reference(case, dtype)

@@ -556,11 +556,73 @@ class _SequenceMath:
                 None if dv is None else _group_sum(dv, g.hkv))
 
 
+def _flash_blocks(geo, is_causal):
+    """The CPU flash calls of a causal / windowed sequence segment, or None (one call): per query
+    chunk (see ``_sequence_chunks``), (q0, q1, lo, hi, is_causal) over the keys it can see. A
+    square causal chunk without a mask splits into its unmasked keys [0, q0) and the diagonal
+    block [q0, q1) with ``is_causal``. The CPU flash backward skips no masked block by itself,
+    and its forward skips none when the causality comes as a mask."""
+    chunks = _sequence_chunks(geo)
+    if len(chunks) == 1:
+        return None
+    blocks = []
+    for q0, q1, lo, hi in chunks:
+        if hi <= lo:
+            continue
+        if is_causal:
+            if q0 > lo:
+                blocks.append((q0, q1, lo, q0, False))
+            blocks.append((q0, q1, q0, q1, True))
+        else:
+            blocks.append((q0, q1, lo, hi, False))
+    return blocks
+
+
+def _mask_block(mask, q0, q1, lo, hi):
+    if mask is None:
+        return None
+    rows = slice(q0, q1) if mask.shape[-2] > 1 else slice(None)
+    return mask[..., rows, lo:hi]
+
+
+def _flash_sequence_backward(grad_out, q, k, v, out, lse_f, geo, scale):
+    """dq, dk, dv of the sequence segment through the CPU flash backward, block by block where
+    causality leaves blocks invisible (the gradients of disjoint key blocks add up: each call
+    takes the final out and lse)."""
+    mask, is_causal = _flash_mask(geo, q.dtype, q.device)
+    blocks = _flash_blocks(geo, is_causal)
+    if blocks is None:
+        return _FLASH_CPU_BWD(grad_out, q, k, v, out, lse_f, 0.0, is_causal, attn_mask=mask,
+                              scale=scale)
+    dq = token_major_empty(q.shape, q.dtype, q.device).zero_()
+    dk = token_major_empty(k.shape, k.dtype, k.device).zero_()
+    dv = token_major_empty(v.shape, v.dtype, v.device).zero_()
+    for q0, q1, lo, hi, causal in blocks:
+        r, c = slice(q0, q1), slice(lo, hi)
+        gq, gk, gv = _FLASH_CPU_BWD(grad_out[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c],
+                                    out[:, :, r], lse_f[:, :, r], 0.0, causal,
+                                    attn_mask=_mask_block(mask, q0, q1, lo, hi), scale=scale)
+        dq[:, :, r] += gq
+        dk[:, :, c] += gk
+        dv[:, :, c] += gv
+    return dq, dk, dv
+
+
 def _sequence_forward(q, k, v, geo, scale):
     """Sequence segment: (out (B,Hq,Nq,D), lse (B,Hq,Nq)) in the accumulation dtype."""
     if geo.flash:
         mask, is_causal = _flash_mask(geo, q.dtype, q.device)
-        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        blocks = None if is_causal else _flash_blocks(geo, False)
+        if blocks is None:
+            out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        else:   # causality as a mask: one call per query chunk, against the keys it sees
+            out = token_major_empty(q.shape, q.dtype, q.device).zero_()
+            lse = torch.full(q.shape[:-1], -math.inf, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+            for q0, q1, lo, hi, _ in blocks:
+                r, c = slice(q0, q1), slice(lo, hi)
+                out[:, :, r], lse[:, :, r] = _FLASH_CPU(
+                    q[:, :, r], k[:, :, c], v[:, :, c], 0.0, False,
+                    attn_mask=_mask_block(mask, q0, q1, lo, hi), scale=scale)
         lse = lse.to(geo.acc)
         if geo.causal or geo.window > 0 or geo.key_padding_mask is not None:
             empty = _empty_sequence_rows(geo.b, geo.nq, geo.nk, geo.causal, geo.window,
@@ -646,9 +708,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
 
     if geo.nk > 0 and (need_dq or need_dk or need_dv):
         if geo.flash and grad_lse is None:
-            mask, is_causal = _flash_mask(geo, q.dtype, q.device)
-            dq_s, dk, dv = _FLASH_CPU_BWD(grad_out, q, k, v, out, _flash_lse(lse_safe, q), 0.0, is_causal,
-                                          attn_mask=mask, scale=scale)
+            dq_s, dk, dv = _flash_sequence_backward(grad_out, q, k, v, out, _flash_lse(lse_safe, q),
+                                                    geo, scale)
             dq_s = dq_s.to(geo.acc)
         else:
             dq_s, dk, dv = _SequenceMath(geo, q, k, v).backward(do, lse_safe, get_delta(), scale,
