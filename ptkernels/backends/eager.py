@@ -501,9 +501,11 @@ class _SequenceMath:
         vis = visible_sequence_keys(geo.b, geo.nq, geo.nk, geo.causal, geo.window,
                                     geo.key_padding_mask, q.device)
         self.hide = None if vis is None else ~vis   # small: (1 or B, 1, Nq or 1, Nk)
+        self.bias = None if geo.bias_s is None else geo.bias_s.to(geo.acc)
         self.chunks = _sequence_chunks(geo)
 
     def parts(self, q0, q1, lo, hi):
+        """q, k, v, bias, hidden keys and dropped probabilities of rows [q0, q1), keys [lo, hi)."""
         g = self.geo
 
         def cut(x, rows=True):
@@ -512,7 +514,7 @@ class _SequenceMath:
             r = slice(q0, q1) if rows and x.shape[-2] > 1 else slice(None)
             return x[..., r, lo:hi]
         return (self.q[:, :, q0:q1], self.k[:, :, lo:hi], self.v[:, :, lo:hi],
-                cut(None if g.bias_s is None else g.bias_s.to(g.acc)), cut(self.hide), cut(g.drop_s))
+                cut(self.bias), cut(self.hide), cut(g.drop_s))
 
     def forward(self, scale):
         g = self.geo
