@@ -23,10 +23,12 @@ into the output) and the separate dQ sum. What the tables showed next, and what 
 
 * Causal shapes: the sequence segment's flash backward cost as much as the concatenation's,
   because the CPU flash backward skips no block above the diagonal (and its forward skips none
-  when causality comes as a mask). The causal segment now runs block by block: 128-row query
-  chunks against only the keys they can see, a square chunk split into its unmasked keys and an
-  `is_causal` diagonal block; the gradients of disjoint key blocks add up because every call
-  takes the merged out and lse. Compare the `_backward` rows of the decoder tables.
+  when causality comes as a mask). The causal segment now runs block by block: two query
+  chunks (of at least 128 rows) against only the keys they can see, a square chunk split into
+  its unmasked keys and an `is_causal` diagonal block; the gradients of disjoint key blocks add
+  up because every call takes the merged out and lse. Compare the `_backward` rows of the
+  decoder tables. More chunks skip more blocks but add calls: with OpenMP's default spinning
+  barriers every extra parallel region is expensive when other processes hold the cores.
 * Layout copies: the CPU flash kernel returns (B, N, H, D)-strided results, HF reshapes the
   attention output token-major, and the op used to return contiguous tensors: a copy in the op
   and another in HF's `reshape`, for the output and for dK/dV. The eager backend now returns

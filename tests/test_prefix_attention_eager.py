@@ -71,6 +71,7 @@ def test_math_query_chunks_match_reference(case, monkeypatch):
     from ptkernels.backends import eager
     monkeypatch.setattr(eager, "USE_CPU_FLASH", False)
     monkeypatch.setattr(eager, "_CHUNK_ROWS", 4)
+    monkeypatch.setattr(eager, "_MAX_CHUNKS", 4)
     check_against_reference(case, torch.float32, dropout_mask_fn=lambda s, shape, p: dropout_keep_mask(s, shape, p, "cpu"))
 
 
@@ -108,9 +109,12 @@ def test_token_major_inputs_fold_the_shared_prefix(dropout_p):
 @pytest.mark.parametrize("case", CHUNKED_CASES[:-2] + [Case(nq=24, nk=24, p=5, causal=True, hq=4, hkv=2),
                                                        Case(nq=24, nk=24, p=0, form="none", causal=True)],
                          ids=Case.id)
-def test_flash_query_blocks_match_reference(case, dtype, monkeypatch):
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_flash_query_blocks_match_reference(case, dtype, chunks, monkeypatch):
     """The CPU flash sequence segment block by block (causal query chunks; square causal ones
-    split into unmasked keys + an is_causal diagonal block), with 4-row chunks."""
+    split into unmasked keys + an is_causal diagonal block), with 4-row chunks; 2 chunks tile
+    the gradients (written, then added), 4 overlap (zero-filled, then added)."""
     from ptkernels.backends import eager
     monkeypatch.setattr(eager, "_CHUNK_ROWS", 4)
+    monkeypatch.setattr(eager, "_MAX_CHUNKS", chunks)
     check_against_reference(case, dtype)

@@ -471,9 +471,12 @@ def _flash_mask(geo, dtype, device):
     return mask, square_causal
 
 
-# Causal / windowed math runs over query chunks of at least this many rows, each against only the
-# keys some row of the chunk sees (4 chunks skip 3/8 of a square causal product).
+# Causal / windowed segments run over at most _MAX_CHUNKS query chunks of at least _CHUNK_ROWS
+# rows, each against only the keys some row of the chunk sees: 2 chunks skip 1/4 of a square
+# causal product. More chunks skip more but cost more calls, each a parallel region of its own,
+# which is what hurts when other processes compete for the cores.
 _CHUNK_ROWS = 128
+_MAX_CHUNKS = 2
 
 
 def _sequence_chunks(geo):
@@ -481,7 +484,7 @@ def _sequence_chunks(geo):
     nq, nk = geo.nq, geo.nk
     if not (geo.causal or geo.window > 0) or nq < 2 * _CHUNK_ROWS:
         return [(0, nq, 0, nk)]
-    size = max(_CHUNK_ROWS, -(-nq // 4))
+    size = max(_CHUNK_ROWS, -(-nq // _MAX_CHUNKS))
     chunks = []
     for q0 in range(0, nq, size):
         q1 = min(nq, q0 + size)
@@ -596,18 +599,36 @@ def _flash_sequence_backward(grad_out, q, k, v, out, lse_f, geo, scale):
     if blocks is None:
         return _FLASH_CPU_BWD(grad_out, q, k, v, out, lse_f, 0.0, is_causal, attn_mask=mask,
                               scale=scale)
-    dq = token_major_empty(q.shape, q.dtype, q.device).zero_()
-    dk = token_major_empty(k.shape, k.dtype, k.device).zero_()
-    dv = token_major_empty(v.shape, v.dtype, v.device).zero_()
+    # Where the blocks' row ranges (and key ranges) are equal or disjoint and cover everything,
+    # the first block of a range writes it and later ones add: no zero-filled buffers.
+    tiles = (_tiles([(b[0], b[1]) for b in blocks], geo.nq)
+             and _tiles([(b[2], b[3]) for b in blocks], geo.nk))
+    grads = [token_major_empty(x.shape, x.dtype, x.device) for x in (q, k, v)]
+    if not tiles:
+        for g in grads:
+            g.zero_()
+    written = set()
     for q0, q1, lo, hi, causal in blocks:
         r, c = slice(q0, q1), slice(lo, hi)
-        gq, gk, gv = _FLASH_CPU_BWD(grad_out[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c],
-                                    out[:, :, r], lse_f[:, :, r], 0.0, causal,
-                                    attn_mask=_mask_block(mask, q0, q1, lo, hi), scale=scale)
-        dq[:, :, r] += gq
-        dk[:, :, c] += gk
-        dv[:, :, c] += gv
-    return dq, dk, dv
+        parts = _FLASH_CPU_BWD(grad_out[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c],
+                               out[:, :, r], lse_f[:, :, r], 0.0, causal,
+                               attn_mask=_mask_block(mask, q0, q1, lo, hi), scale=scale)
+        for i, (g, part) in enumerate(zip(grads, parts)):
+            rng = (i, q0, q1) if i == 0 else (i, lo, hi)
+            view = g[:, :, rng[1]:rng[2]]
+            if tiles and rng not in written:
+                view.copy_(part)
+                written.add(rng)
+            else:
+                view.add_(part)
+    return tuple(grads)
+
+
+def _tiles(ranges, n):
+    """Whether the ranges [a, b) are pairwise equal or disjoint and together cover [0, n)."""
+    rs = sorted(set(ranges))
+    return (rs[0][0] == 0 and rs[-1][1] == n
+            and all(a[1] == b[0] for a, b in zip(rs, rs[1:])))
 
 
 def _sequence_forward(q, k, v, geo, scale):
