@@ -1,6 +1,6 @@
 """Where the CPU time of ``prefix_attention`` forward+backward goes: torch.profiler tables of the
-eager backend and of the HF + PEFT concatenation path at the two shapes of
-``bench_vs_peft_concat.py`` (decoder B4 H8 N512 P64 causal; bert-like B16 H12 N128 P32 padded).
+eager backend and of the HF + PEFT concatenation path at the kernel shapes of ``ptkernels bench``
+(decoder B4 H8 N512 P64 causal; bert-like B16 H12 N128 P32 padded), attention dropout off and 0.1.
 
     python benchmarks/profile_eager_cpu.py [--reps 3] [--out benchmarks/results/cpu_profile_eager.md]
 """
@@ -17,34 +17,64 @@ from ptkernels.measure import machine
 
 FINDINGS = """## Findings (what the tables showed, what changed)
 
-Before the change (profiled at commit 2d50159, same shapes), the eager op spent, besides its two
-CPU flash calls (prefix segment and sequence segment, forward and backward):
-* `aten::mul` + `aten::sum` on (B, H, N, D): `delta = rowsum(dO * O)`, computed on every backward
-  although only the plain-math segments use it (the flash backward computes its own);
-* `aten::exp`, `aten::mul_`, `aten::add_`, `aten::where` on (B, H, N[, D]): the logsumexp merge of
-  the two segments (seven elementwise passes), then `aten::copy_` of the merged output, because the
-  CPU flash kernel returns a (B, N, H, D)-strided tensor and the op returns a contiguous one; the
-  same add + copy for dQ (prefix part + sequence part) in the backward;
-* an all-ones padding mask turned into an additive mask: the flash kernel then reads a mask it
-  does not need and cannot take its `is_causal` path.
-The flash kernels' own zero-fills and layout copies (`aten::fill_`, `aten::copy_` on
-(B, N, H, D) / (B, P, H, D)) are inside ATen and paid twice (two segments), once by the
-concatenation path.
+Earlier rounds (commit 2d50159 and after) removed `delta = rowsum(dO * O)` where only the flash
+backward needed it, the all-ones padding mask, the seven-pass logsumexp merge (now one `lerp`
+into the output) and the separate dQ sum. What the tables showed next, and what changed:
 
-Changed: delta only where used; no mask when nothing is padded; the merge is one
-`lerp(o_seq, o_prefix, sigmoid(lse_p - lse_s))` written straight into the contiguous output
-(exact: the prefix lse is finite on every row); dQ summed straight into its contiguous buffer.
-Interleaved A/B against the concatenation path (fwd+bwd, 15 repetitions each, 2 shared cores,
-load average 20-95): decoder 0.99x -> 1.03x, bert-like 0.85x -> 1.01x. Not reached: the issue's
-1.2x. What is left is the second flash backward (prefix segment: its zero-fills and transposes
-cost as much as its math at P = 32-64) and, with attention dropout on, the plain-math segments
-(the CPU flash kernel cannot take an external dropout mask). A single masked flash call over the
-concatenated keys was tried (fwd+bwd, 12 interleaved repetitions): 0.96x (decoder) and 0.95x
-(bert-like) of the concatenation path, no better than two segments on this machine.
+* Causal shapes: the sequence segment's flash backward cost as much as the concatenation's,
+  because the CPU flash backward skips no block above the diagonal (and its forward skips none
+  when causality comes as a mask). The causal segment now runs block by block: two query
+  chunks (of at least 128 rows) against only the keys they can see, a square chunk split into
+  its unmasked keys and an `is_causal` diagonal block; the gradients of disjoint key blocks add
+  up because every call takes the merged out and lse. Compare the `_backward` rows of the
+  decoder tables. More chunks skip more blocks but add calls: with OpenMP's default spinning
+  barriers every extra parallel region is expensive when other processes hold the cores.
+* Layout copies: the CPU flash kernel returns (B, N, H, D)-strided results, HF reshapes the
+  attention output token-major, and the op used to return contiguous tensors: a copy in the op
+  and another in HF's `reshape`, for the output and for dK/dV. The eager backend now returns
+  `out`, `dq`, `dk`, `dv` token-major (the op's fake implementation says so). In this op-level
+  profile the leaves are contiguous, so `AccumulateGrad` copies the gradients (in a model they
+  flow into HF's transposed views without a copy); the concatenation path pays the same.
+* The prefix segment as explicit GEMMs (P = 32-64) instead of a second flash call: measured no
+  faster (fewer FLOPs are hidden by more, smaller parallel regions) and slower when other
+  processes compete for the cores; the flash call stays when dropout and soft-capping are off.
+* Attention dropout (the dropout tables): the concatenation path runs SDPA's math kernel
+  (`bernoulli_` mask, full softmax, probabilities saved). The eager math segments drew the
+  uniform mask twice (forward and backward), converted it to float twice, folded q for the
+  prefix with copies and built `~mask` over (B, H, Nq, Nk). Now: one `masked_fill` per drop
+  with 1 / (1 - p) applied to the small results, the forward's mask kept for its backward
+  (bounded cache), causal query chunks that skip invisible keys, and the prefix products per
+  head over all B * Nq rows for token-major q.
+
+Not changed: the non-causal, padded (bert-like) shape still pays two flash calls (the prefix one
+at P = 32 is mostly per-block overhead) plus the merge; no block is invisible there to skip.
 """
 
+def _dropout(fn, p=0.1):
+    """``fn`` with attention dropout ``p`` on (SDPA's math kernel / the eager math segments)."""
+    def run(x, shape):
+        import ptkernels
+        if fn is kernels.concat_mask_sdpa:
+            keys, values = kernels._concat(x)
+            q = x["q"]
+            b, _, n, _ = q.shape
+            full = torch.ones(b, 1, n, keys.shape[2], dtype=torch.bool)
+            pl = x["prefix_k"].shape[1]
+            if shape["causal"]:
+                full[..., pl:] &= torch.ones(n, n, dtype=torch.bool).tril()
+            full[..., pl:] &= x["mask"].view(b, 1, 1, n)
+            return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=full,
+                                                                    dropout_p=p)
+        return ptkernels.prefix_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"],
+                                          causal=shape["causal"], attention_mask=x["mask"],
+                                          dropout_p=p)
+    return run
+
+
 PATHS = {"hf+peft (cat + mask + SDPA)": kernels.concat_mask_sdpa,
-         "ptkernels eager": kernels._ptkernels("eager")}
+         "ptkernels eager": kernels._ptkernels("eager"),
+         "hf+peft (cat + mask + SDPA), attention dropout 0.1": _dropout(kernels.concat_mask_sdpa),
+         "ptkernels eager, attention dropout 0.1": _dropout(kernels._ptkernels("eager"))}
 
 
 def main(argv=None):

@@ -7,17 +7,24 @@ size their error budget.
 The fast path (``prefix_attention_fwd`` / ``prefix_attention_bwd``, what the custom op calls) never
 concatenates the prefix, never copies it per batch row and never builds a (Nq, P + Nk) mask:
 
-* prefix segment: one batched matrix product per KV head in which the whole batch (and the GQA
-  group) is folded into the rows, ``(B*G*Nq, D) @ (D, P)``, for a prefix shared by the batch; a
-  batched product per row for per-row and bank prefixes;
-* sequence segment: ``scaled_dot_product_attention``'s CPU flash kernel (which also returns the
-  logsumexp), or a plain math segment when soft-capping or dropout is on;
-* the two merged by their logsumexp.
+* prefix segment: on a CPU without soft-capping or dropout, the CPU flash kernel of
+  ``scaled_dot_product_attention`` (a stride-0 view of a shared prefix); otherwise plain math
+  whose products, for a shared prefix and token-major q, run per head over all B * Nq rows at
+  once, ``(B*Nq, D) @ (D, P)``, so the prefix gradient is one GEMM with no batch reduction;
+* sequence segment: the CPU flash kernel (which also returns the logsumexp), or plain math
+  (soft-capping, dropout, other devices) over causal query chunks, each against only the keys
+  it can see;
+* the two merged by their logsumexp, straight into the output.
+
+Dropout drops with one ``masked_fill`` of the probabilities and applies 1 / (1 - p) to the small
+(.., D) results; the forward's drop mask is kept for its backward (bounded cache, a miss redraws
+the same mask). ``out``, ``dq``, ``dk`` and ``dv`` come back token-major (``token_major_empty``).
 
 The backward keeps only the logsumexp (no probabilities are stored), recomputes each segment's
 probabilities with the final logsumexp and ``delta = rowsum(dO * O)`` (so the segments need no
-"merge backward"), and skips every gradient nobody asked for: with q, k and v frozen only the
-prefix gradients are computed (prompt-only backward).
+"merge backward"; the flash backward takes the merged out and lse), and skips every gradient
+nobody asked for: with q, k and v frozen only the prefix gradients are computed (prompt-only
+backward).
 
 Conventions shared with the other backends (see ``ptkernels/ops/prefix_attention.py``):
 ``window`` -1 = none, ``softcap`` 0.0 = none, ``key_padding_mask`` bool (B, Nk) True = keep,
@@ -28,6 +35,8 @@ float64 inputs) with -inf on rows that see no key, whose output is zero.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -54,15 +63,53 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
 
+def _dropout_uniforms(seed: torch.Tensor, shape) -> torch.Tensor:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed.reshape(-1)[0].item()))
+    return torch.rand(tuple(shape), generator=gen)
+
+
 def dropout_keep_mask(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
     """The eager backend's dropout keep-mask (bool, ``shape`` = (B, Hq, Nq, P + Nk)).
 
     Drawn from a CPU generator seeded with ``seed[0]``, so forward and backward (and a test)
     regenerate exactly the same mask.
     """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed.reshape(-1)[0].item()))
-    return (torch.rand(tuple(shape), generator=gen) >= p).to(device)
+    return (_dropout_uniforms(seed, shape) >= p).to(device)
+
+
+def dropout_drop_mask(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
+    """The complement of ``dropout_keep_mask`` from the same draws: True = dropped."""
+    return (_dropout_uniforms(seed, shape) < p).to(device)
+
+
+# Drop masks a forward drew, kept for its backward: drawing 10^7 uniforms from the (serial) CPU
+# generator costs as much as the attention math at training shapes. Only a speed-up: the mask is
+# a function of (seed, shape, p, device), so a miss (evicted, or a recomputing forward) redraws
+# the very same mask. Bounded in bytes, oldest evicted first; the backward removes its entry.
+# Process-wide and shared by threads (a serving process, DataParallel workers): every access
+# holds the lock, since an OrderedDict mutated by one thread while another iterates raises.
+_DROP_CACHE: OrderedDict = OrderedDict()
+_DROP_CACHE_LOCK = threading.Lock()
+DROP_CACHE_BYTES = 256 * 2 ** 20
+
+
+def _drop_mask(seed: torch.Tensor, shape, p: float, device, *, forward: bool) -> torch.Tensor:
+    key = (int(seed.reshape(-1)[0].item()), tuple(shape), float(p), str(device))
+    if not forward:
+        with _DROP_CACHE_LOCK:
+            cached = _DROP_CACHE.pop(key, None)
+        if cached is not None:
+            return cached
+    drop = dropout_drop_mask(seed, shape, p, device)
+    if forward and drop.numel() <= DROP_CACHE_BYTES:
+        with _DROP_CACHE_LOCK:
+            _DROP_CACHE.pop(key, None)
+            _DROP_CACHE[key] = drop
+            total = sum(m.numel() for m in _DROP_CACHE.values())
+            while total > DROP_CACHE_BYTES:
+                total -= _DROP_CACHE.popitem(last=False)[1].numel()
+    return drop
 
 
 def visible_sequence_keys(batch, nq, nk, causal, window, key_padding_mask, device):
@@ -102,36 +149,34 @@ def _empty_sequence_rows(batch, nq, nk, causal, window, key_padding_mask, device
     return count <= 0
 
 
+def token_major_empty(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized (B, H, N, D) tensor stored token-major, as (B, N, H, D) in memory.
+
+    The eager backend returns ``out``, ``dq``, ``dk`` and ``dv`` in this layout (and the op's fake
+    implementation declares it): it is what the CPU flash kernel produces and what a transformers
+    attention layer needs (``out.transpose(1, 2).reshape(B, N, H * D)`` is then a view, as the
+    projections' gradients are), so neither side pays a layout copy. A batch of one stays
+    contiguous: Inductor (torch 2.14) expects a contiguous output of the op there, whatever the
+    fake implementation says.
+    """
+    b, h, n, d = shape
+    if b == 1:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def as_token_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` and the layout of ``token_major_empty`` (no copy when it already is)."""
+    b, h, n, d = x.shape
+    want = (h * n * d, n * d, d, 1) if b == 1 else (n * h * d, d, h * d, 1)
+    if x.dtype == dtype and x.stride() == want:
+        return x
+    return token_major_empty(x.shape, dtype, x.device).copy_(x)
+
+
 def _safe_lse(lse: torch.Tensor) -> torch.Tensor:
     """Replace -inf (rows that see no key) by +inf so that exp(s - lse) is 0, not NaN."""
     return torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
-
-
-# Folding: (B, Hq, Nq, X) <-> (Nb, Hkv, R, X). Row r of KV head h holds query (g, i) of the GQA
-# group as r = g * Nq + i; a shared prefix also folds the batch into the rows (Nb = 1), so the
-# prefix product and its gradient are single GEMMs whose contraction runs over B * G * Nq rows.
-
-def fold(x: torch.Tensor, hkv: int, shared: bool) -> torch.Tensor:
-    b, hq, nq, xd = x.shape
-    x = x.reshape(b, hkv, (hq // hkv) * nq, xd)
-    if shared:
-        x = x.transpose(0, 1).reshape(1, hkv, b * (hq // hkv) * nq, xd)
-    return x
-
-
-def unfold(x: torch.Tensor, batch: int, hq: int, nq: int, shared: bool) -> torch.Tensor:
-    hkv, xd = x.shape[1], x.shape[-1]
-    if shared:
-        x = x.reshape(hkv, batch, -1, xd).transpose(0, 1)
-    return x.reshape(batch, hq, nq, xd)
-
-
-def _fold_lse(lse, hkv, shared):
-    return fold(lse.unsqueeze(-1), hkv, shared).squeeze(-1)
-
-
-def _unfold_lse(lse, batch, hq, nq, shared):
-    return unfold(lse.unsqueeze(-1), batch, hq, nq, shared).squeeze(-1)
 
 
 def merge_segments_(o1, l1, o2, l2):
@@ -222,19 +267,23 @@ class _Geometry:
     """Sizes and normalized options of one call (so forward and backward agree)."""
 
     def __init__(self, q, k, prefix_k, prefix_index, key_padding_mask, attn_bias, dropout_seed,
-                 causal, window, softcap, dropout_p):
+                 causal, window, softcap, dropout_p, forward):
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
         self.p = 0 if prefix_k is None else prefix_k.shape[2]
-        self.shared = self.p > 0 and prefix_k.shape[0] == 1
         self.acc = acc_dtype(q.dtype)
         self.causal, self.window, self.softcap = causal, window, softcap
-        self.keep = None
+        self.dropout_p = dropout_p
+        self.drop_p = self.drop_s = None
         if dropout_p > 0:
-            self.keep = dropout_keep_mask(dropout_seed, (self.b, self.hq, self.nq, self.p + self.nk),
-                                          dropout_p, q.device)
-        # The CPU flash kernel covers both segments unless the scores need soft-capping or
-        # dropout (it cannot return the mask it drew); other devices take the math segments.
+            # The complement of ``dropout_keep_mask`` (same draws): True = dropped, so that
+            # dropping is one masked_fill on the probabilities and 1 / (1 - p) is applied to the
+            # small (.., D) results instead of the (.., keys) probabilities.
+            drop = _drop_mask(dropout_seed, (self.b, self.hq, self.nq, self.p + self.nk),
+                              dropout_p, q.device, forward=forward)
+            self.drop_p, self.drop_s = drop[..., :self.p], drop[..., self.p:]
+        # The CPU flash kernel covers the sequence segment unless the scores need soft-capping
+        # or dropout (it cannot take an external dropout mask); other devices take the math.
         self.flash = (USE_CPU_FLASH and q.device.type == "cpu" and softcap <= 0
                       and dropout_p <= 0)
         if key_padding_mask is not None and key_padding_mask.device.type == "cpu" \
@@ -247,16 +296,15 @@ class _Geometry:
         if attn_bias is not None:
             self.bias_p, self.bias_s = attn_bias[..., :self.p], attn_bias[..., self.p:]
 
-    def prefix_rows(self, prefix_k, prefix_v, prefix_index):
-        """Each row's prefix as (B, Hkv, P, D) in the input dtype: a stride-0 view of a shared
-        prefix (no copy), the tensor itself per row, a gather for a bank."""
+    def prefix_sel(self, prefix_k, prefix_v, prefix_index):
+        """The prefix rows the batch uses: (1, Hkv, P, D) shared, (B, Hkv, P, D) per row or
+        gathered from a bank (no per-row copy of a shared prefix)."""
         if prefix_index is not None:
             return prefix_k.index_select(0, prefix_index), prefix_v.index_select(0, prefix_index)
-        shape = (self.b, *prefix_k.shape[1:])
-        return prefix_k.expand(shape), prefix_v.expand(shape)
+        return prefix_k, prefix_v
 
     def reduce_rows(self, grad_rows, prefix, prefix_index):
-        """Per-row prefix gradients (B, Hkv, P, D) -> the prefix's own shape (T, Hkv, P, D)."""
+        """Prefix gradients of the rows used, (Bp, Hkv, P, D) -> the prefix's own shape."""
         if prefix_index is not None:
             return torch.zeros(prefix.shape, dtype=grad_rows.dtype,
                                device=grad_rows.device).index_add_(0, prefix_index, grad_rows)
@@ -264,84 +312,157 @@ class _Geometry:
             return grad_rows.sum(0, keepdim=True)
         return grad_rows
 
-    def prefix_parts(self, prefix_k, prefix_v, prefix_index):
-        """Prefix K/V rows as (Nb, Hkv, P, D) in the accumulation dtype."""
-        if self.shared:
-            return prefix_k.to(self.acc), prefix_v.to(self.acc)
-        if prefix_index is not None:
-            prefix_k, prefix_v = prefix_k.index_select(0, prefix_index), prefix_v.index_select(0, prefix_index)
-        return prefix_k.to(self.acc), prefix_v.to(self.acc)
 
-    def folded(self, x, shared):
-        return None if x is None else fold(x.to(self.acc), self.hkv, shared)
+# ----------------------------------------------------------------------------------------------
+# Fast path: one segment in plain math (GEMMs + elementwise), given its laid-out tensors
+# ----------------------------------------------------------------------------------------------
 
-
-def _scores(qg, kg, scale, softcap, bias_g, vis_g):
-    """Scores of one segment in folded shapes (Nb, Hkv, R, Nkeys): scale, soft-cap, bias, mask.
-
-    Returns (s, t) where t = tanh(raw / softcap) (for the backward's chain rule) or None.
-    """
-    nb, h, r, d = qg.shape
-    s = torch.bmm(qg.reshape(nb * h, r, d), kg.reshape(nb * h, -1, d).transpose(1, 2))
-    s = s.view(nb, h, r, -1).mul_(scale)
+def _scores(q, k, scale, softcap, bias, hide):
+    """Scores q k^T * scale, soft-capped, + bias, hidden keys at -inf; (s, tanh or None)."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     t = None
     if softcap > 0:
         t = s.div_(softcap).tanh_()
         s = t * softcap
-    if bias_g is not None:
-        s.add_(bias_g)
-    if vis_g is not None:
-        s.masked_fill_(~vis_g, -math.inf)
+    if bias is not None:
+        s.add_(bias)
+    if hide is not None:
+        s.masked_fill_(hide, -math.inf)
     return s, t
 
 
-def _segment_forward(qg, kg, vg, scale, softcap, bias_g, vis_g, keep_g, dropout_p):
-    """(out, lse) of one segment; rows that see no key give out 0 and lse -inf."""
-    s, _ = _scores(qg, kg, scale, softcap, bias_g, vis_g)
+def _segment_forward(q, k, v, scale, softcap, bias, hide, drop, dropout_p):
+    """(out, lse) of one segment (undropped lse); rows that see no key: out 0, lse -inf."""
+    s, _ = _scores(q, k, scale, softcap, bias, hide)
     m = s.amax(-1, keepdim=True)
     m = m.masked_fill_(torch.isneginf(m), 0.0)
     e = s.sub_(m).exp_()                       # in place: the scores are not needed again
     denom = e.sum(-1, keepdim=True)
     lse = (m + denom.log()).squeeze(-1)        # log(0) = -inf for rows without keys
-    if keep_g is not None:
-        e.mul_(keep_g).div_(1.0 - dropout_p)
-    out = torch.matmul(e, vg).div_(denom.masked_fill_(denom == 0, 1.0))
-    return out, lse
+    denom.masked_fill_(denom == 0, 1.0)
+    if drop is not None:
+        e.masked_fill_(drop, 0.0)
+        denom.mul_(1.0 - dropout_p)
+    return torch.matmul(e, v).div_(denom), lse
 
 
-def _segment_backward(qg, kg, vg, dog, lse_g, delta_g, scale, softcap, bias_g, vis_g, keep_g,
-                      dropout_p, need_dq, need_dk, need_dv):
+def _segment_backward(q, k, v, do, lse_safe, delta, scale, softcap, bias, hide, drop, dropout_p,
+                      need_dq, need_dk, need_dv):
     """Gradients of one segment given the FINAL lse (+inf on empty rows) and delta."""
-    s, t = _scores(qg, kg, scale, softcap, bias_g, vis_g)
-    p = s.sub_(lse_g.unsqueeze(-1)).exp_()
-    pd = p if keep_g is None else p * keep_g / (1.0 - dropout_p)
+    s, t = _scores(q, k, scale, softcap, bias, hide)
+    p = s.sub_(lse_safe.unsqueeze(-1)).exp_()
     dq = dk = dv = None
     if need_dv:
-        dv = torch.matmul(pd.transpose(-1, -2), dog)
+        pd = p if drop is None else p.masked_fill(drop, 0.0)
+        dv = torch.matmul(pd.transpose(-1, -2), do)
+        if drop is not None:
+            dv.div_(1.0 - dropout_p)
     if need_dq or need_dk:
-        dp = torch.matmul(dog, vg.transpose(-1, -2))
-        if keep_g is not None:
-            dp.mul_(keep_g).div_(1.0 - dropout_p)
-        ds = dp.sub_(delta_g.unsqueeze(-1)).mul_(p)
+        dp = torch.matmul(do if drop is None else do / (1.0 - dropout_p), v.transpose(-1, -2))
+        if drop is not None:
+            dp.masked_fill_(drop, 0.0)
+        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)
         if t is not None:
             ds.mul_(1.0 - t * t)
         ds.mul_(scale)
         if need_dq:
-            dq = torch.matmul(ds, kg)
+            dq = torch.matmul(ds, k)
         if need_dk:
-            dk = torch.matmul(ds.transpose(-1, -2), qg)
+            dk = torch.matmul(ds.transpose(-1, -2), q)
     return dq, dk, dv
 
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: the prefix segment (P is small: a handful of batched products)
+# ----------------------------------------------------------------------------------------------
+
+def _by_head(x: torch.Tensor) -> torch.Tensor | None:
+    """(B, H, N, X) -> (H, B * N, X) as a view when the batch and row dimensions merge without a
+    copy (token-major tensors do), else None. A shared prefix's products then contract over the
+    whole batch in one GEMM per head (its gradient needs no batch reduction)."""
+    b, h, n, xd = x.shape
+    if b > 1 and x.stride(0) != n * x.stride(2):
+        return None
+    return x.transpose(0, 1).reshape(h, b * n, xd)
+
+
+def _heads_of(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """(B', Hkv, N, D) -> (B', Hq, N, D): each KV head repeated over its GQA group."""
+    g = hq // x.shape[1]
+    return x if g == 1 else x.repeat_interleave(g, 1)
+
+
+def _group_sum(grad: torch.Tensor, hkv: int) -> torch.Tensor:
+    """(B', Hq, N, D) -> (B', Hkv, N, D): the GQA group's gradients summed onto their KV head."""
+    bp, hq, n, d = grad.shape
+    return grad if hq == hkv else grad.view(bp, hkv, hq // hkv, n, d).sum(2)
+
+
+class _PrefixLayout:
+    """The layout the prefix products of one call run in: ``folded`` (a shared prefix and a
+    token-major q: per head (B*Nq, D) @ (D, P)) or broadcast (per (batch, head) products against
+    prefix rows (Bp, Hq, P, D), Bp in {1, B}). Tensors are in the accumulation dtype."""
+
+    def __init__(self, geo, q, pk, pv):
+        self.geo = geo
+        self.pk, self.pv = _heads_of(pk, geo.hq).to(geo.acc), _heads_of(pv, geo.hq).to(geo.acc)
+        self.q = q.to(geo.acc)
+        self.qf = _by_head(self.q) if pk.shape[0] == 1 else None
+        self.folded = self.qf is not None
+        self.bias = self.rows(geo.bias_p)
+        self.drop = self.rows(geo.drop_p)
+
+    def rows(self, x):
+        """(B, Hq, Nq, X) -> this layout's rows ((Hq, B*Nq, X) folded); None stays None."""
+        if x is None or not self.folded:
+            return x if x is None or x.dtype == torch.bool else x.to(self.geo.acc)
+        x = x if x.dtype == torch.bool else x.to(self.geo.acc)
+        f = _by_head(x)
+        return f if f is not None else x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+
+    def unrows(self, x):
+        """This layout's rows -> (B, Hq, Nq, X) (a view)."""
+        if not self.folded:
+            return x
+        g = self.geo
+        return x.view(g.hq, g.b, g.nq, x.shape[-1]).transpose(0, 1)
+
+    def keys(self, x):
+        return x[0] if self.folded else x
+
+    def forward(self, scale):
+        """(out (B, Hq, Nq, D), lse (B, Hq, Nq)): every row sees all P keys (finite lse)."""
+        g = self.geo
+        o, lse = _segment_forward(self.qf if self.folded else self.q, self.keys(self.pk),
+                                  self.keys(self.pv), scale, g.softcap, self.bias, None,
+                                  self.drop, g.dropout_p)
+        return self.unrows(o), self.unrows(lse.unsqueeze(-1)).squeeze(-1)
+
+    def backward(self, do, lse_safe, delta, scale, need_dq, need_dpk, need_dpv):
+        """From the FINAL (merged) lse and delta = rowsum(dO * O): the sequence segment's
+        backward takes the same merged out and lse, so the two dq parts simply add up. Returns
+        (dq part (B, Hq, Nq, D) view or None, dpk, dpv as (Bp, Hkv, P, D) or None)."""
+        g = self.geo
+        dq, dpk, dpv = _segment_backward(
+            self.qf if self.folded else self.q, self.keys(self.pk), self.keys(self.pv),
+            self.rows(do), self.rows(lse_safe.unsqueeze(-1)).squeeze(-1),
+            self.rows(delta.unsqueeze(-1)).squeeze(-1), scale, g.softcap, self.bias, None,
+            self.drop, g.dropout_p, need_dq, need_dpk, need_dpv)
+
+        def grad(x):
+            if x is None:
+                return None
+            return _group_sum(x.unsqueeze(0) if self.folded else x, g.hkv)
+        return (None if dq is None else self.unrows(dq)), grad(dpk), grad(dpv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: the sequence segment (CPU flash kernel, or math over causal query chunks)
+# ----------------------------------------------------------------------------------------------
 
 def _flash_lse(lse, q):
     """The logsumexp in the dtype the CPU flash backward expects."""
     return lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-
-
-def _keep_parts(geo):
-    if geo.keep is None:
-        return None, None
-    return geo.keep[..., :geo.p], geo.keep[..., geo.p:]
 
 
 def _flash_mask(geo, dtype, device):
@@ -358,50 +479,216 @@ def _flash_mask(geo, dtype, device):
     return mask, square_causal
 
 
-def _sequence_forward(q, k, v, geo, scale, keep_s, dropout_p):
+# Causal / windowed segments run over at most _MAX_CHUNKS query chunks of at least _CHUNK_ROWS
+# rows, each against only the keys some row of the chunk sees: 2 chunks skip 1/4 of a square
+# causal product. More chunks skip more but cost more calls, each a parallel region of its own,
+# which is what hurts when other processes compete for the cores.
+_CHUNK_ROWS = 128
+_MAX_CHUNKS = 2
+
+
+def _sequence_chunks(geo):
+    """[(q0, q1, lo, hi)]: query rows [q0, q1) and the sequence keys [lo, hi) they can see."""
+    nq, nk = geo.nq, geo.nk
+    if not (geo.causal or geo.window > 0) or nq < 2 * _CHUNK_ROWS:
+        return [(0, nq, 0, nk)]
+    size = max(_CHUNK_ROWS, -(-nq // _MAX_CHUNKS))
+    chunks = []
+    for q0 in range(0, nq, size):
+        q1 = min(nq, q0 + size)
+        hi = min(nk, q1 + nk - nq) if geo.causal else nk
+        lo = max(0, q0 + nk - nq - geo.window + 1) if geo.window > 0 else 0
+        chunks.append((q0, q1, lo, max(lo, hi)))
+    return chunks
+
+
+class _SequenceMath:
+    """The sequence segment in plain math (soft-capping, dropout, non-CPU devices), q chunk by
+    chunk; k and v repeated over the GQA group (their gradients summed back)."""
+
+    def __init__(self, geo, q, k, v):
+        self.geo = geo
+        self.q, self.k, self.v = q.to(geo.acc), _heads_of(k, geo.hq).to(geo.acc), _heads_of(v, geo.hq).to(geo.acc)
+        vis = visible_sequence_keys(geo.b, geo.nq, geo.nk, geo.causal, geo.window,
+                                    geo.key_padding_mask, q.device)
+        self.hide = None if vis is None else ~vis   # small: (1 or B, 1, Nq or 1, Nk)
+        self.bias = None if geo.bias_s is None else geo.bias_s.to(geo.acc)
+        self.chunks = _sequence_chunks(geo)
+
+    def parts(self, q0, q1, lo, hi):
+        """q, k, v, bias, hidden keys and dropped probabilities of rows [q0, q1), keys [lo, hi)."""
+        g = self.geo
+
+        def cut(x, rows=True):
+            if x is None:
+                return None
+            r = slice(q0, q1) if rows and x.shape[-2] > 1 else slice(None)
+            return x[..., r, lo:hi]
+        return (self.q[:, :, q0:q1], self.k[:, :, lo:hi], self.v[:, :, lo:hi],
+                cut(self.bias), cut(self.hide), cut(g.drop_s))
+
+    def forward(self, scale):
+        g = self.geo
+        if len(self.chunks) == 1:
+            q, k, v, bias, hide, drop = self.parts(*self.chunks[0])
+            return _segment_forward(q, k, v, scale, g.softcap, bias, hide, drop, g.dropout_p)
+        out = torch.zeros((g.b, g.hq, g.nq, g.d), dtype=g.acc, device=self.q.device)
+        lse = torch.full((g.b, g.hq, g.nq), -math.inf, dtype=g.acc, device=self.q.device)
+        for q0, q1, lo, hi in self.chunks:
+            if hi > lo:
+                q, k, v, bias, hide, drop = self.parts(q0, q1, lo, hi)
+                out[:, :, q0:q1], lse[:, :, q0:q1] = _segment_forward(
+                    q, k, v, scale, g.softcap, bias, hide, drop, g.dropout_p)
+        return out, lse
+
+    def backward(self, do, lse_safe, delta, scale, need_dq, need_dk, need_dv):
+        g = self.geo
+        dq = dk = dv = None
+        if len(self.chunks) > 1:
+            shape = (g.b, g.hq, g.nq, g.d)
+            dq = torch.zeros(shape, dtype=g.acc, device=do.device) if need_dq else None
+            dk = torch.zeros((g.b, g.hq, g.nk, g.d), dtype=g.acc, device=do.device) if need_dk else None
+            dv = torch.zeros((g.b, g.hq, g.nk, g.d), dtype=g.acc, device=do.device) if need_dv else None
+        for q0, q1, lo, hi in self.chunks:
+            if hi <= lo:
+                continue
+            q, k, v, bias, hide, drop = self.parts(q0, q1, lo, hi)
+            cq, ck, cv = _segment_backward(
+                q, k, v, do[:, :, q0:q1], lse_safe[:, :, q0:q1], delta[:, :, q0:q1], scale,
+                g.softcap, bias, hide, drop, g.dropout_p, need_dq, need_dk, need_dv)
+            if len(self.chunks) == 1:
+                dq, dk, dv = cq, ck, cv
+                break
+            if need_dq:
+                dq[:, :, q0:q1] = cq
+            if need_dk:
+                dk[:, :, lo:hi] += ck
+            if need_dv:
+                dv[:, :, lo:hi] += cv
+        return (dq, None if dk is None else _group_sum(dk, g.hkv),
+                None if dv is None else _group_sum(dv, g.hkv))
+
+
+def _flash_blocks(geo, is_causal):
+    """The CPU flash calls of a causal / windowed sequence segment, or None (one call): per query
+    chunk (see ``_sequence_chunks``), (q0, q1, lo, hi, is_causal) over the keys it can see. A
+    square causal chunk without a mask splits into its unmasked keys [0, q0) and the diagonal
+    block [q0, q1) with ``is_causal``. The CPU flash backward skips no masked block by itself,
+    and its forward skips none when the causality comes as a mask."""
+    chunks = _sequence_chunks(geo)
+    if len(chunks) == 1:
+        return None
+    blocks = []
+    for q0, q1, lo, hi in chunks:
+        if hi <= lo:
+            continue
+        if is_causal:
+            if q0 > lo:
+                blocks.append((q0, q1, lo, q0, False))
+            blocks.append((q0, q1, q0, q1, True))
+        else:
+            blocks.append((q0, q1, lo, hi, False))
+    return blocks
+
+
+def _mask_block(mask, q0, q1, lo, hi):
+    if mask is None:
+        return None
+    rows = slice(q0, q1) if mask.shape[-2] > 1 else slice(None)
+    return mask[..., rows, lo:hi]
+
+
+def _flash_sequence_backward(grad_out, q, k, v, out, lse_f, geo, scale):
+    """dq, dk, dv of the sequence segment through the CPU flash backward, block by block where
+    causality leaves blocks invisible (the gradients of disjoint key blocks add up: each call
+    takes the final out and lse)."""
+    mask, is_causal = _flash_mask(geo, q.dtype, q.device)
+    blocks = _flash_blocks(geo, is_causal)
+    if blocks is None:
+        return _FLASH_CPU_BWD(grad_out, q, k, v, out, lse_f, 0.0, is_causal, attn_mask=mask,
+                              scale=scale)
+    # Where the blocks' row ranges (and key ranges) are equal or disjoint and cover everything,
+    # the first block of a range writes it and later ones add: no zero-filled buffers.
+    tiles = (_tiles([(b[0], b[1]) for b in blocks], geo.nq)
+             and _tiles([(b[2], b[3]) for b in blocks], geo.nk))
+    grads = [token_major_empty(x.shape, x.dtype, x.device) for x in (q, k, v)]
+    if not tiles:
+        for g in grads:
+            g.zero_()
+    written = set()
+    for q0, q1, lo, hi, causal in blocks:
+        r, c = slice(q0, q1), slice(lo, hi)
+        parts = _FLASH_CPU_BWD(grad_out[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c],
+                               out[:, :, r], lse_f[:, :, r], 0.0, causal,
+                               attn_mask=_mask_block(mask, q0, q1, lo, hi), scale=scale)
+        for i, (g, part) in enumerate(zip(grads, parts)):
+            rng = (i, q0, q1) if i == 0 else (i, lo, hi)
+            view = g[:, :, rng[1]:rng[2]]
+            if tiles and rng not in written:
+                view.copy_(part)
+                written.add(rng)
+            else:
+                view.add_(part)
+    return tuple(grads)
+
+
+def _tiles(ranges, n):
+    """Whether the ranges [a, b) are pairwise equal or disjoint and together cover [0, n)."""
+    rs = sorted(set(ranges))
+    return (rs[0][0] == 0 and rs[-1][1] == n
+            and all(a[1] == b[0] for a, b in zip(rs, rs[1:])))
+
+
+def _sequence_forward(q, k, v, geo, scale):
     """Sequence segment: (out (B,Hq,Nq,D), lse (B,Hq,Nq)) in the accumulation dtype."""
     if geo.flash:
         mask, is_causal = _flash_mask(geo, q.dtype, q.device)
-        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        blocks = None if is_causal else _flash_blocks(geo, False)
+        if blocks is None:
+            out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        else:   # causality as a mask: one call per query chunk, against the keys it sees
+            out = token_major_empty(q.shape, q.dtype, q.device).zero_()
+            lse = torch.full(q.shape[:-1], -math.inf, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+            for q0, q1, lo, hi, _ in blocks:
+                r, c = slice(q0, q1), slice(lo, hi)
+                out[:, :, r], lse[:, :, r] = _FLASH_CPU(
+                    q[:, :, r], k[:, :, c], v[:, :, c], 0.0, False,
+                    attn_mask=_mask_block(mask, q0, q1, lo, hi), scale=scale)
         lse = lse.to(geo.acc)
         if geo.causal or geo.window > 0 or geo.key_padding_mask is not None:
             empty = _empty_sequence_rows(geo.b, geo.nq, geo.nk, geo.causal, geo.window,
                                          geo.key_padding_mask, q.device)
             lse = lse.masked_fill(empty, -math.inf)
         return out.to(geo.acc), lse
-    qg, kg, vg = geo.folded(q, False), k.to(geo.acc), v.to(geo.acc)
-    vis = visible_sequence_keys(geo.b, geo.nq, geo.nk, geo.causal, geo.window,
-                                geo.key_padding_mask, q.device)
-    vis_g = None if vis is None else fold(vis.expand(geo.b, geo.hq, geo.nq, geo.nk), geo.hkv, False)
-    og, lse_g = _segment_forward(qg, kg, vg, scale, geo.softcap, geo.folded(geo.bias_s, False),
-                                 vis_g, geo.folded(keep_s, False), dropout_p)
-    return unfold(og, geo.b, geo.hq, geo.nq, False), _unfold_lse(lse_g, geo.b, geo.hq, geo.nq, False)
+    return _SequenceMath(geo, q, k, v).forward(scale)
 
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
 
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
                          dropout_seed, causal, window, softcap, scale, dropout_p):
     geo = _Geometry(q, k, prefix_k, prefix_index, key_padding_mask, attn_bias, dropout_seed,
-                    causal, window, softcap, dropout_p)
-    keep_p, keep_s = _keep_parts(geo)
+                    causal, window, softcap, dropout_p, forward=True)
     out = lse = None
     if geo.p > 0 and geo.flash:
-        pk, pv = geo.prefix_rows(prefix_k, prefix_v, prefix_index)
+        # The prefix through the flash kernel too: the same products as GEMMs + softmax passes
+        # (``_PrefixLayout``) measured 2-8% slower at P = 32-64 on 2 cores, more so when other
+        # processes compete for them (each small op is a parallel region of its own).
+        pk, pv = geo.prefix_sel(prefix_k, prefix_v, prefix_index)
+        pk, pv = pk.expand(geo.b, *pk.shape[1:]), pv.expand(geo.b, *pv.shape[1:])
         bias = None if geo.bias_p is None else geo.bias_p.to(q.dtype)
         out, lse = _FLASH_CPU(q, pk, pv, 0.0, False, attn_mask=bias, scale=scale)
         out, lse = out.to(geo.acc), lse.to(geo.acc)
     elif geo.p > 0:
-        pk, pv = geo.prefix_parts(prefix_k, prefix_v, prefix_index)
-        og, lse_g = _segment_forward(geo.folded(q, geo.shared), pk, pv, scale, softcap,
-                                     geo.folded(geo.bias_p, geo.shared), None,
-                                     geo.folded(keep_p, geo.shared), dropout_p)
-        out = unfold(og, geo.b, geo.hq, geo.nq, geo.shared)
-        lse = _unfold_lse(lse_g, geo.b, geo.hq, geo.nq, geo.shared)
+        out, lse = _PrefixLayout(geo, q, *geo.prefix_sel(prefix_k, prefix_v, prefix_index)).forward(scale)
     if geo.nk > 0:
-        out_s, lse_s = _sequence_forward(q, k, v, geo, scale, keep_s, dropout_p)
+        out_s, lse_s = _sequence_forward(q, k, v, geo, scale)
         if out is None:
             out, lse = out_s, lse_s
-        elif out.dtype == q.dtype:  # float32 / float64: merge straight into the contiguous output
-            out, lse = merge_prefix_into(torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        elif out.dtype == q.dtype:  # float32 / float64: merge straight into the output
+            out, lse = merge_prefix_into(token_major_empty(q.shape, q.dtype, q.device),
                                          out, lse, out_s, lse_s)
         else:
             out, lse = merge_segments_(out, lse, out_s, lse_s)
@@ -410,7 +697,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_
         lse = torch.full(q.shape[:-1], -math.inf, dtype=geo.acc, device=q.device)
     if geo.p == 0:  # only then can a row see no key at all; its output must be 0, never NaN
         out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
-    out, lse = out.to(q.dtype).contiguous(), lse.contiguous()
+    out, lse = as_token_major(out, q.dtype), lse.contiguous()
     if geo.flash:
         _keep_nonfinite_query_rows_(q, out, lse)
     return out, lse
@@ -434,12 +721,11 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
                          softcap, scale, dropout_p, output_mask):
     need_dq, need_dk, need_dv, need_dpk, need_dpv = (bool(x) for x in output_mask)
     geo = _Geometry(q, k, prefix_k, prefix_index, key_padding_mask, attn_bias, dropout_seed,
-                    causal, window, softcap, dropout_p)
-    keep_p, keep_s = _keep_parts(geo)
+                    causal, window, softcap, dropout_p, forward=False)
     do = grad_out.to(geo.acc)
     delta = None
 
-    def get_delta():  # rowsum(dO * O): only the plain-math segments need it
+    def get_delta():  # rowsum(dO * O), minus the lse gradient: every math segment needs it
         nonlocal delta
         if delta is None:
             delta = (do * out.to(geo.acc)).sum(-1)
@@ -450,7 +736,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     dq = dk = dv = dpk = dpv = None
 
     if geo.p > 0 and geo.flash and grad_lse is None and need_dq:
-        pk, pv = geo.prefix_rows(prefix_k, prefix_v, prefix_index)
+        pk, pv = geo.prefix_sel(prefix_k, prefix_v, prefix_index)
+        pk, pv = pk.expand(geo.b, *pk.shape[1:]), pv.expand(geo.b, *pv.shape[1:])
         bias = None if geo.bias_p is None else geo.bias_p.to(q.dtype)
         dq, dpk_rows, dpv_rows = _FLASH_CPU_BWD(grad_out, q, pk, pv, out, _flash_lse(lse_safe, q),
                                                 0.0, False, attn_mask=bias, scale=scale)
@@ -458,50 +745,37 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
         dpk = geo.reduce_rows(dpk_rows, prefix_k, prefix_index) if need_dpk else None
         dpv = geo.reduce_rows(dpv_rows, prefix_v, prefix_index) if need_dpv else None
     elif geo.p > 0 and (need_dq or need_dpk or need_dpv):
-        # Prompt-only backward (and soft-capping / dropout / a logsumexp gradient): only the
-        # products the requested gradients need, with the batch folded into the rows so that
-        # the shared prefix's gradient is one GEMM contracting over all B * G * Nq rows.
-        pk, pv = geo.prefix_parts(prefix_k, prefix_v, prefix_index)
-        dq_g, dpk, dpv = _segment_backward(
-            geo.folded(q, geo.shared), pk, pv, geo.folded(do, geo.shared),
-            _fold_lse(lse_safe, geo.hkv, geo.shared), _fold_lse(get_delta(), geo.hkv, geo.shared),
-            scale, softcap, geo.folded(geo.bias_p, geo.shared), None,
-            geo.folded(keep_p, geo.shared), dropout_p, need_dq, need_dpk, need_dpv)
-        if dq_g is not None:
-            dq = unfold(dq_g, geo.b, geo.hq, geo.nq, geo.shared)
-        if prefix_index is not None and not geo.shared:  # bank: grads land on the chosen rows only
-            dpk = None if dpk is None else torch.zeros(prefix_k.shape, dtype=geo.acc, device=q.device).index_add_(0, prefix_index, dpk)
-            dpv = None if dpv is None else torch.zeros(prefix_v.shape, dtype=geo.acc, device=q.device).index_add_(0, prefix_index, dpv)
+        # Only the products the requested gradients need (prompt-only: q, k, v frozen -> no
+        # sequence backward at all, only the prefix gradients).
+        lay = _PrefixLayout(geo, q, *geo.prefix_sel(prefix_k, prefix_v, prefix_index))
+        dq, dpk_rows, dpv_rows = lay.backward(do, lse_safe, get_delta(), scale,
+                                              need_dq, need_dpk, need_dpv)
+        dpk = None if dpk_rows is None else geo.reduce_rows(dpk_rows, prefix_k, prefix_index)
+        dpv = None if dpv_rows is None else geo.reduce_rows(dpv_rows, prefix_v, prefix_index)
 
     if geo.nk > 0 and (need_dq or need_dk or need_dv):
         if geo.flash and grad_lse is None:
-            mask, is_causal = _flash_mask(geo, q.dtype, q.device)
-            dq_s, dk, dv = _FLASH_CPU_BWD(grad_out, q, k, v, out, _flash_lse(lse_safe, q), 0.0, is_causal,
-                                          attn_mask=mask, scale=scale)
+            dq_s, dk, dv = _flash_sequence_backward(grad_out, q, k, v, out, _flash_lse(lse_safe, q),
+                                                    geo, scale)
             dq_s = dq_s.to(geo.acc)
         else:
-            vis = visible_sequence_keys(geo.b, geo.nq, geo.nk, causal, window, key_padding_mask, q.device)
-            vis_g = None if vis is None else fold(vis.expand(geo.b, geo.hq, geo.nq, geo.nk), geo.hkv, False)
-            dq_g, dk, dv = _segment_backward(
-                geo.folded(q, False), k.to(geo.acc), v.to(geo.acc), geo.folded(do, False),
-                _fold_lse(lse_safe, geo.hkv, False), _fold_lse(get_delta(), geo.hkv, False), scale,
-                softcap, geo.folded(geo.bias_s, False), vis_g, geo.folded(keep_s, False),
-                dropout_p, need_dq, need_dk, need_dv)
-            dq_s = None if dq_g is None else unfold(dq_g, geo.b, geo.hq, geo.nq, False)
+            dq_s, dk, dv = _SequenceMath(geo, q, k, v).backward(do, lse_safe, get_delta(), scale,
+                                                                need_dq, need_dk, need_dv)
         if need_dq and dq is None:
             dq = dq_s
-        elif need_dq and dq.dtype == q.dtype:  # sum straight into the contiguous gradient
-            dq = torch.add(dq, dq_s, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
         elif need_dq:
-            dq = dq.add_(dq_s)
+            dq = dq_s.add_(dq)      # in place: no fresh (B, H, N, D) buffer to fault in
 
-    def finish(grad, like, need):
+    def finish(grad, like, need, token_major):
         if not need:
             return like.new_empty(0)
         if grad is None:  # needed but no segment contributes (e.g. Nk == 0)
-            return torch.zeros_like(like, memory_format=torch.contiguous_format)
+            grad = torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
+        if token_major:  # q, k, v: the layout the op's fake implementation declares
+            return as_token_major(grad, like.dtype)
         return grad.to(like.dtype).contiguous()
 
-    return (finish(dq, q, need_dq), finish(dk, k, need_dk), finish(dv, v, need_dv),
-            finish(dpk, prefix_k, need_dpk) if prefix_k is not None else q.new_empty(0),
-            finish(dpv, prefix_v, need_dpv) if prefix_v is not None else q.new_empty(0))
+    return (finish(dq, q, need_dq, True), finish(dk, k, need_dk, True),
+            finish(dv, v, need_dv, True),
+            finish(dpk, prefix_k, need_dpk, False) if prefix_k is not None else q.new_empty(0),
+            finish(dpv, prefix_v, need_dpv, False) if prefix_v is not None else q.new_empty(0))

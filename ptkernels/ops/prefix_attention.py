@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ptkernels import backends
+from ptkernels.backends import eager
 from ptkernels.ops._bias_grad import bias_grad
 from ptkernels.ops._kernel_entries import define_kernel_entry
 from ptkernels.ops._validate import (require_float, require_same, require_shape, require_tensor,
@@ -54,7 +55,16 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optiona
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_bias,
               dropout_seed, causal, window, softcap, scale, dropout_p, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+    return (_like_out(q, backend),
+            q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype)))
+
+
+def _like_out(x, backend):
+    """A (B, H, N, D) result of ``backend`` shaped like ``x``: the eager backend returns its
+    outputs and q/k/v gradients token-major ((B, N, H, D) in memory), the others contiguous."""
+    if backend == eager.NAME:
+        return eager.token_major_empty(x.shape, x.dtype, x.device)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("ptkernels::prefix_attention_bwd", mutates_args=())
@@ -78,7 +88,10 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, key
               output_mask, backend):
     def like(x, need):
         return x.new_empty(x.shape) if (need and x is not None) else q.new_empty(0)
-    return (like(q, output_mask[0]), like(k, output_mask[1]), like(v, output_mask[2]),
+
+    def like_qkv(x, need):
+        return _like_out(x, backend) if need else q.new_empty(0)
+    return (like_qkv(q, output_mask[0]), like_qkv(k, output_mask[1]), like_qkv(v, output_mask[2]),
             like(prefix_k, output_mask[3]), like(prefix_v, output_mask[4]))
 
 
