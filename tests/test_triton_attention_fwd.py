@@ -58,6 +58,32 @@ def test_head_dims(d):
     check_forward_against_reference(case, torch.float16, attention_fwd.forward_main, seed=d)
 
 
+# The interpreter's 32 x 32 tiles with keys and windows long enough that every kind of key block
+# occurs in one program: whole prefix blocks and the prefix tail, the window edge band, unmasked
+# interior blocks (with the key padding mask, bias, soft-capping and dropout applied there), the
+# causal diagonal band and the sequence tail.
+BOUNDARY_CASES = [
+    Case(nq=70, nk=150, p=40, causal=True, window=100),
+    Case(nq=70, nk=150, p=40, window=60, padding="left", bias="full", hq=2, hkv=1),
+    Case(nq=45, nk=110, p=64, causal=True, softcap=4.0, padding="right", form="bank", b=2, t=2,
+         hq=2, hkv=1),
+    # rows 0..31, keys from 32 on: the last row (31 + 36) sees key 33 but not key 32, so the
+    # block at 32 is an edge block and the one at 64 the first interior one
+    Case(nq=64, nk=100, p=7, window=35, hq=2, hkv=1),
+]
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES, ids=_ids(BOUNDARY_CASES))
+def test_interior_and_boundary_blocks(case):
+    check_forward_against_reference(case, torch.float32, attention_fwd.forward_main, seed=7)
+
+
+def test_interior_blocks_dropout_with_recovered_mask():
+    case = Case(nq=40, nk=100, p=40, dropout_p=0.2, causal=True, bias="heads", hq=2, hkv=1)
+    check_forward_against_reference(case, torch.float32, attention_fwd.forward_main, seed=8,
+                                    dropout_mask_fn=dropout_keep_mask)
+
+
 # Decode-shaped cases: few query rows, keys crossing several split chunks (the interpreter
 # uses chunks of 64 keys), prefix splits and sequence splits, masked chunks.
 DECODE_CASES = [

@@ -1,7 +1,7 @@
 """Triton forward of ``prefix_attention``: fused online-softmax attention over a prefix + sequence.
 
 One program owns BLOCK_M query rows of one (batch row b, query head h) and runs the FlashAttention
-online softmax (``attention_fwd_blocks.attend_segment``) over two key segments:
+online softmax (``attention_fwd_blocks.attend_blocks``) over two key segments:
 
 1. the prefix (T, Hkv, P, D) that row b reads (``PREFIX_MODE``: shared, one per row, or a bank
    chosen by prefix_index); prefix keys are never masked;
@@ -9,6 +9,13 @@ online softmax (``attention_fwd_blocks.attend_segment``) over two key segments:
    j <= i + Nk - Nq), a key padding mask and a sliding window ((i + Nk - Nq) - j < window).
    Key blocks that causal / window masking leaves empty for the whole row block are skipped by
    the loop bounds, not computed.
+
+Masks cost only on boundary blocks (FlashAttention-2's split of the key loop): the whole prefix
+blocks and the interior sequence blocks (``interior_bounds``: visible to every row of the
+program) run without mask arithmetic; the prefix tail block, the window edge band, the causal
+diagonal band and the sequence tail run masked. The blocks are visited in key order, as before
+the split, so the summation order and the results are unchanged. The key padding mask is
+applied to every sequence block when present.
 
 GQA/MQA map head h to KV head h // (Hq // Hkv). Outputs: out (B, Hq, Nq, D) in q's dtype
 (contiguous) and lse (B, Hq, Nq) float32 natural log, -inf for rows that see no key (their output
@@ -28,8 +35,9 @@ import triton.language as tl
 
 from ptkernels.backends import DECODE_MAX_NQ, DECODE_MIN_KEYS, is_decode_shape  # noqa: F401
 from ptkernels.backends.triton._common import alloc, cast_rounded, prefix_of_row
-from ptkernels.backends.triton.attention_fwd_blocks import (Launch, aot_variants, attend_segment,
-                                                            finish_rows, launch_with_config,
+from ptkernels.backends.triton.attention_fwd_blocks import (Launch, aot_variants, attend_blocks,
+                                                            bias_rows, finish_rows,
+                                                            interior_bounds, launch_with_config,
                                                             sequence_bounds, start_query_block)
 from ptkernels.backends.triton.decode import forward_decode
 
@@ -55,25 +63,36 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_ptr
     m0 = pid_m * BLOCK_M
     rows, row_ok, offs_d, d_ok, q, acc, m_i, l_i = start_query_block(
         q_ptr, s_qb, s_qh, s_qm, s_qd, b, h, m0, Nq, D, BLOCK_M, BLOCK_D, FP32_DOTS)
-    bias_base = bias_ptr + b * s_bb + h * s_bh
+    bias_ptrs = bias_rows(bias_ptr + b * s_bb + h * s_bh, rows, s_bm, HAS_BIAS)
     n_cols = P + Nk
     q_off = Nk - Nq
+    # interior blocks unmasked (attend_blocks) up to D = 128; above, every block is masked (the
+    # branch pushes the 32x32 w4 D = 256 configs into spills)
+    SPLIT: tl.constexpr = BLOCK_D <= 128
 
     if PREFIX_MODE != 0:
         t = prefix_of_row(pidx_ptr, b, PREFIX_MODE)
-        acc, m_i, l_i = attend_segment(
-            acc, m_i, l_i, q, pk_ptr + t * s_pkt + kvh * s_pkh, pv_ptr + t * s_pvt + kvh * s_pvh,
-            s_pkn, s_pkd, s_pvn, s_pvd, 0, P, P, 0, n_cols, rows, row_ok, bias_base, s_bm, s_bn,
-            kpm_ptr, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
-            BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
-            HAS_DROPOUT, FP32_DOTS)
+        pk_base = pk_ptr + t * s_pkt + kvh * s_pkh
+        pv_base = pv_ptr + t * s_pvt + kvh * s_pvh
+        # whole prefix blocks run without mask, the tail block masked
+        acc, m_i, l_i = attend_blocks(
+            acc, m_i, l_i, q, pk_base, pv_base, s_pkn, s_pkd, s_pvn, s_pvd, 0, P, 0,
+            (P // BLOCK_N) * BLOCK_N, P, 0, n_cols, rows, row_ok, bias_ptrs, s_bn, kpm_ptr,
+            s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D, BLOCK_N, BLOCK_D,
+            False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, FP32_DOTS,
+            SPLIT)
+    # Sequence keys [lo, hi): the blocks of the interior [ilo, ihi) run without mask
+    # arithmetic; the window edge band [lo, ilo), the causal diagonal band and the tail
+    # [ihi, hi) masked.
     lo, hi = sequence_bounds(m0, Nk, q_off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    acc, m_i, l_i = attend_segment(
-        acc, m_i, l_i, q, k_ptr + b * s_kb + kvh * s_kh, v_ptr + b * s_vb + kvh * s_vh,
-        s_kn, s_kd, s_vn, s_vd, lo, hi, Nk, P, n_cols, rows, row_ok, bias_base, s_bm, s_bn,
+    ilo, ihi = interior_bounds(lo, hi, m0, Nk, q_off, window, BLOCK_M, BLOCK_N, CAUSAL,
+                               HAS_WINDOW)
+    acc, m_i, l_i = attend_blocks(
+        acc, m_i, l_i, q, k_ptr + b * s_kb + kvh * s_kh, v_ptr + b * s_vb + kvh * s_vh, s_kn,
+        s_kd, s_vn, s_vd, lo, hi, ilo, ihi, Nk, P, n_cols, rows, row_ok, bias_ptrs, s_bn,
         kpm_ptr + b * s_kpmb, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
-        BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
-        HAS_DROPOUT, FP32_DOTS)
+        BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+        FP32_DOTS, SPLIT)
 
     out, lse = finish_rows(acc, m_i, l_i)
     OT: tl.constexpr = out_ptr.dtype.element_ty

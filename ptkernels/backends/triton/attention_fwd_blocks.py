@@ -31,7 +31,8 @@ def attend_segment(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    FP32_DOTS: tl.constexpr):
-    """Online softmax of BLOCK_M query rows over keys [lo, hi) of one segment.
+    """Online softmax of BLOCK_M query rows over keys [lo, hi) of one segment, every block masked
+    (``attend_blocks`` with an empty interior; the split-K decode kernel's chunks).
 
     acc (BLOCK_M, BLOCK_D) fp32 unnormalized output; m_i, l_i (BLOCK_M,) fp32 running max (base 2)
     and sum; q (BLOCK_M, BLOCK_D); k_base/v_base point at key 0 of the segment for this (b, kv
@@ -39,6 +40,47 @@ def attend_segment(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo,
     [0, P + Nk) (bias and dropout columns); rows (BLOCK_M,) query indices, row_ok = rows < Nq;
     bias_base points at bias[b, h, 0, 0] (strides s_bm, s_bn); q_off = Nk - Nq (bottom-right
     causal).
+    """
+    return attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, lo, lo, n_valid, col0,
+        n_cols, rows, row_ok, bias_rows(bias_base, rows, s_bm, HAS_BIAS), s_bn, kpm_base, s_kpmn,
+        seed, bh, dropout_p, scale, softcap, window, q_off, D, BLOCK_N, BLOCK_D, IS_SEQ, CAUSAL,
+        HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, FP32_DOTS, False)
+
+
+@triton.jit
+def bias_rows(bias_base, rows, s_bm, HAS_BIAS: tl.constexpr):
+    """Pointers (BLOCK_M,) to bias[b, h, rows, 0]: the row offset in int64, since
+    Nq * (P + Nk) passes 2^31 within one head at long sequences (bias_base itself when there is
+    no bias: never read)."""
+    if HAS_BIAS:
+        ptrs = bias_base + rows.to(tl.int64) * s_bm
+    else:
+        ptrs = bias_base + rows * 0
+    return ptrs
+
+
+@triton.jit
+def attend_blocks(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, ilo, ihi,
+                  n_valid, col0, n_cols, rows, row_ok, bias_row_ptrs, s_bn, kpm_base, s_kpmn,
+                  seed, bh, dropout_p, scale, softcap, window, q_off, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_SEQ: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  FP32_DOTS: tl.constexpr, SPLIT: tl.constexpr):
+    """Online softmax of BLOCK_M query rows over the key blocks [lo, hi) (arguments as
+    ``attend_segment``; bias_row_ptrs (BLOCK_M,) from ``bias_rows``).
+
+    Blocks starting in [ilo, ihi) are interior: the caller guarantees that every key of them is
+    in the segment and visible to every query row of the program (``interior_bounds``), so they
+    skip the mask arithmetic (the (BLOCK_M, BLOCK_N) causal / window / tail compares and the
+    select; FlashAttention-2's split of the key loop). The other blocks (the tail, the causal
+    diagonal band, the window edge band) are masked to -inf. The split is a uniform branch in
+    one loop, not separate loops: three pipelined loops in a row cost the light 128x64 sm_80
+    config 32 registers and spills (the AOT check), one loop with the branch does not. The key
+    padding mask, which no bound expresses, applies to every sequence block when present.
+    Without SPLIT (a constexpr) every block is masked: the decode kernel's chunks, and head dims
+    above 128, whose 32x32 w4 configs the branch pushes into spills.
     """
     DT: tl.constexpr = v_base.dtype.element_ty
     offs_n = tl.arange(0, BLOCK_N)
@@ -57,23 +99,20 @@ def attend_segment(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo,
         else:
             s = s * (scale * LOG2E)
         if HAS_BIAS:
-            bias = tl.load(bias_base + (rows[:, None] * s_bm + (col0 + cols)[None, :] * s_bn),
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            bias_ptrs = bias_row_ptrs[:, None] + ((col0 + cols).to(tl.int64) * s_bn)[None, :]
+            bias = tl.load(bias_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s += bias.to(tl.float32) * LOG2E
-        valid = col_ok[None, :]
-        if IS_SEQ:
-            qpos = rows[:, None] + q_off
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= qpos)
-            if HAS_WINDOW:
-                valid = valid & (qpos - cols[None, :] < window)
-            if HAS_KPM:
-                keep_key = tl.load(kpm_base + cols * s_kpmn, mask=col_ok, other=0)
-                valid = valid & (keep_key != 0)[None, :]
-        s = tl.where(valid, s, float("-inf"))
+        if IS_SEQ and HAS_KPM:
+            keep_key = tl.load(kpm_base + cols * s_kpmn, mask=col_ok, other=0)
+            s = tl.where((keep_key != 0)[None, :], s, float("-inf"))
+        if SPLIT:
+            if (start < ilo) | (start >= ihi):  # a boundary block (a uniform branch)
+                s = mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ, CAUSAL, HAS_WINDOW)
+        else:
+            s = mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ, CAUSAL, HAS_WINDOW)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys keeps m = -inf: use 0 as its base so that
-        # exp2(-inf - base) = 0 instead of NaN.
+        # A row that has seen only masked keys (or -inf biases) keeps m = -inf: use 0 as its base
+        # so that exp2(-inf - base) = 0 instead of NaN.
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_base)
         p = tl.exp2(s - m_base[:, None])
@@ -102,6 +141,44 @@ def sequence_bounds(m0, Nk, q_off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
         lo = tl.maximum(m0 + q_off - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
+
+
+@triton.jit
+def mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr):
+    """Scores (BLOCK_M, BLOCK_N) with -inf at the tail keys (col_ok False) and, in the sequence,
+    at the keys the causal diagonal or the window hides from a row."""
+    valid = col_ok[None, :]
+    if IS_SEQ:
+        qpos = rows[:, None] + q_off
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= qpos)
+        if HAS_WINDOW:
+            valid = valid & (qpos - cols[None, :] < window)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def interior_bounds(lo, hi, m0, Nk, q_off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The interior [ilo, ihi) of the sequence keys [lo, hi) (``sequence_bounds``) of rows
+    [m0, m0 + BLOCK_M): whole key blocks (ilo a multiple of BLOCK_N past lo) that hold no tail
+    key (past Nk), lie entirely below the causal diagonal of the block's first row and entirely
+    inside the window of its last row, so every row sees every key of them. lo <= ilo <= ihi
+    <= hi; [lo, ilo) is the window edge band and [ihi, hi) the diagonal band and the tail, both
+    masked."""
+    ihi = (Nk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        # key j is visible to every row iff j <= m0 + q_off (the first row's diagonal)
+        ihi = tl.minimum(ihi, (tl.maximum(m0 + q_off + 1, 0) // BLOCK_N) * BLOCK_N)
+    ilo = lo
+    if HAS_WINDOW:
+        # ... and iff j > (m0 + BLOCK_M - 1 + q_off) - window (the last row's window edge)
+        edge = tl.maximum(m0 + BLOCK_M + q_off - window, 0)
+        ilo = tl.maximum(ilo, ((edge + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    ilo = tl.minimum(ilo, hi)
+    ihi = tl.minimum(tl.maximum(ihi, ilo), hi)
+    return ilo, ihi
 
 
 @triton.jit
