@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from ptkernels.measure import cpu_name  # noqa: F401  (bench_training_serving_memory imports it from here)
 
 SHAPES = {
     "decoder": dict(b=4, h=8, n=512, p=64, d=64, causal=True, padding=False),
@@ -142,17 +143,6 @@ def peak_memory(path, shape, mode):
     with _PeakHeap() as probe:
         run_once(path, shape, mode, x)
     return probe.peak - probe.base
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None):
