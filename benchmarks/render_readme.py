@@ -60,6 +60,16 @@ def render_demo() -> str:
     return "\n".join(parts)
 
 
+def _lr_text(lr) -> str:
+    """A report's learning rate: one number (older reports, or ``--lr``), or one per method."""
+    if isinstance(lr, dict):
+        rates = set(lr.values())
+        if len(rates) > 1:
+            return "AdamW lr " + ", ".join(f"{v:g} ({k})" for k, v in lr.items())
+        lr = rates.pop()
+    return f"lr {lr}"
+
+
 def _render_one_demo(demo: str) -> str:
     with open(os.path.join(ROOT, demo, "report.json")) as f:
         report = json.load(f)
@@ -70,7 +80,7 @@ def _render_one_demo(demo: str) -> str:
              f"`ptkernels demo` on {setup['model_type']} (all-MiniLM-L6-v2), {setup['train_rows']:,} "
              f"training / {setup['test_rows']:,} test rows, {setup['steps']} steps of batch "
              f"{setup['batch_size']}, max_len {setup['max_len']}, P={setup['num_virtual_tokens']}, "
-             f"lr {setup['lr']}, seeds {setup['seeds']}; {m['cpu']}, {m['cpu_count']} cores, torch "
+             f"{_lr_text(setup['lr'])}, seeds {setup['seeds']}; {m['cpu']}, {m['cpu_count']} cores, torch "
              f"{m['torch']} with {m['torch_threads']} thread(s); 1-min load average "
              f"{m['load_average_1min']} recorded by the run"
              + (" (other jobs shared the machine, so step times are inflated for all engines alike)"

@@ -59,10 +59,13 @@ def test_demo_frozen_head_switch(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = _demo(capsys, "--steps", "2", "--max-train", "8", "--batch-size", "4",
                            "--max-len", "8", "--tokens", "2", "--test-size", "10", "--methods",
-                           "prompt-tuning+gpc", "--freeze-head", "--no-plots", "--out", str(tmp_path))
+                           "prompt-tuning+gpc", "--freeze-head", "--no-plots", "--lr", "5e-3",
+                           "--out", str(tmp_path))
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["setup"]["train_head"] is False
+    assert report["setup"]["lr"] == {"prompt-tuning+gpc": 5e-3}   # --lr overrides the default
+    assert report["setup"]["lr_source"] == "--lr"
     run, = report["runs"]
     assert run["engine"] == "ptkernels"   # the GPC has no PEFT equivalent: not attempted
     # prompts (1, 2, 384) + the GPC's (768, 768) weight and (768,) bias; no head
@@ -77,7 +80,7 @@ def _csv(tmp_path, text):
 
 @pytest.mark.parametrize("case", ["missing-csv", "missing-text-column", "missing-label-column",
                                   "unsupported-model", "missing-model", "model-without-config",
-                                  "unknown-method", "one-label"])
+                                  "unknown-method", "one-label", "bad-lr"])
 def test_demo_input_errors(case, tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
@@ -94,6 +97,7 @@ def test_demo_input_errors(case, tmp_path, capsys):
         "model-without-config": ("--model", "no config.json"),
         "unknown-method": ("--methods", "unknown"),
         "one-label": ("--label-column", "at least 2 distinct labels"),
+        "bad-lr": ("--lr", "must be > 0"),
     }[case]
     if case == "missing-csv":
         args[3] = str(tmp_path / "nope.csv")
@@ -109,6 +113,8 @@ def test_demo_input_errors(case, tmp_path, capsys):
         os.remove(model / "config.json")
     elif case == "unknown-method":
         args += ["--methods", "lora"]
+    elif case == "bad-lr":
+        args += ["--lr", "0"]
     elif case == "one-label":
         args[3] = _csv(tmp_path, "review,stars\n" + "".join(f"text {i},5\n" for i in range(20)))
     code, out, err = _demo(capsys, *args)
@@ -125,13 +131,28 @@ def test_train_head_must_be_a_bool():
 
 @needs_data
 def test_demo_all_methods_over_seeds(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from ptkernels.demo import methods, train
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rates = []
+
+    class RecordingAdamW(torch.optim.AdamW):   # which learning rate each run trained with
+        def __init__(self, params, lr, **kw):
+            rates.append(lr)
+            super().__init__(params, lr=lr, **kw)
+    monkeypatch.setattr(train.torch.optim, "AdamW", RecordingAdamW)
     code, out, err = _demo(capsys, "--methods", "all", "--steps", "2", "--max-train", "8",
                            "--batch-size", "4", "--max-len", "8", "--tokens", "2", "--test-size",
                            "10", "--out", str(tmp_path))
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["setup"]["seeds"] == [0, 1, 2] and report["setup"]["engines"] == ["ptkernels"]
+    # each method trains at its own default rate (prefix-tuning's MLP needs a smaller one)
+    assert report["setup"]["lr"] == methods.DEFAULT_LR
+    assert report["setup"]["lr_source"] == "per-method defaults"
+    assert sorted(rates) == sorted(3 * list(methods.DEFAULT_LR.values()))
+    assert methods.DEFAULT_LR["prefix-tuning"] < methods.DEFAULT_LR["p-tuning-v2"]
     rows = {r["method"]: r for r in report["summary"]}
     assert sorted(rows) == sorted(["p-tuning-v2", "prefix-tuning", "prompt-tuning", "prompt-tuning+gpc"])
     for r in rows.values():

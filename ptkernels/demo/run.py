@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=64, help="tokens per text (truncation)")
     p.add_argument("--tokens", type=int, default=16, help="virtual tokens (prefix / prompt length)")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate for every method (default: per method, " +
+                        ", ".join(f"{m} {lr:g}" for m, lr in demo_methods.DEFAULT_LR.items()) + ")")
     p.add_argument("--prefix-dropout", type=float, default=0.1,
                    help="ptkernels' dropout on the prefix K/V (P-Tuning v2's default 0.1; PEFT has none)")
     p.add_argument("--freeze-head", action="store_true",
@@ -90,6 +92,8 @@ def validate(args):
     model_dir, model_type, csv)."""
     for name in ("steps", "batch_size", "max_len", "tokens", "test_size", "max_train", "seeds"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.lr is not None and not args.lr > 0:
+        raise DemoInputError(f"--lr must be > 0, got {args.lr}")
     if not 0.0 <= args.prefix_dropout < 1.0:
         raise DemoInputError(f"--prefix-dropout must be in [0, 1), got {args.prefix_dropout}")
     chosen, engines, seeds = _parse_lists(args)
@@ -105,6 +109,7 @@ def run(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the demo never downloads
     chosen, engines, n_seeds, model_dir, model_type, csv_path = validate(args)
     progress = not args.no_progress
+    lrs = {m: args.lr if args.lr is not None else demo_methods.DEFAULT_LR[m] for m in chosen}
     from ptkernels.demo import report as demo_report
     from ptkernels.demo.train import train_interleaved
     from ptkernels.measure import machine
@@ -117,7 +122,8 @@ def run(args) -> dict:
     print(f"model {model_dir} ({model_type}); data {csv_path}: {ds.rows} rows, "
           f"{len(ds.train_texts)} train / {len(ds.test_texts)} test, labels {ds.label_names}")
     print(f"{args.steps} steps x batch {args.batch_size}, max_len {args.max_len}, "
-          f"{args.tokens} virtual tokens, AdamW lr {args.lr}; " +
+          f"{args.tokens} virtual tokens, AdamW lr " +
+          ", ".join(f"{lr:g} ({m})" for m, lr in lrs.items()) + "; " +
           (FROZEN_HEAD_NOTE if args.freeze_head else HEAD_NOTE))
     runs, errors = [], []
     for seed in range(n_seeds):
@@ -142,7 +148,7 @@ def run(args) -> dict:
         if not models:
             break
         desc = f"seed {seed}: " + ", ".join(f"{m} ({e})" for e, m, _ in models)
-        for res in train_interleaved(models, batches, test_batches, seed=seed, lr=args.lr,
+        for res in train_interleaved(models, batches, test_batches, seed=seed, lr=lrs,
                                      progress=progress, desc=desc if len(desc) < 60 else f"seed {seed}"):
             runs.append(res.as_dict())
     if not runs:
@@ -156,7 +162,8 @@ def run(args) -> dict:
             "text_column": args.text_column, "label_column": args.label_column,
             "labels": ds.label_names, "rows": ds.rows, "train_rows": len(ds.train_texts),
             "test_rows": len(ds.test_texts), "steps": args.steps, "batch_size": args.batch_size,
-            "max_len": args.max_len, "num_virtual_tokens": args.tokens, "lr": args.lr,
+            "max_len": args.max_len, "num_virtual_tokens": args.tokens,
+            "lr": lrs, "lr_source": "--lr" if args.lr is not None else "per-method defaults",
             "optimizer": "AdamW, no weight decay", "prefix_dropout_ptkernels": args.prefix_dropout,
             "methods": chosen, "engines": engines, "seeds": list(range(n_seeds)),
             "train_head": not args.freeze_head,

@@ -67,13 +67,15 @@ def _peak_of_one_step(model, opt, params, batch):
 
 
 def train_interleaved(models: list[tuple[str, str, object]], train_batches, test_batches, *,
-                      seed: int, lr: float, progress: bool = True, desc: str = "") -> list[RunResult]:
+                      seed: int, lr: float | dict[str, float], progress: bool = True,
+                      desc: str = "") -> list[RunResult]:
     """Train several (engine, method, model) on the same batches, one step of each in turn.
 
     Interleaving is the A/B design: machine noise (other processes on shared cores) lands on
     every model alike instead of on whichever ran during a busy minute. The order of the models
     alternates from step to step so that none always runs right after another. Every model has
-    its own AdamW (lr ``lr``, no weight decay) over its trainable parameters.
+    its own AdamW (no weight decay) over its trainable parameters, with learning rate ``lr``, or
+    ``lr[method]`` when ``lr`` maps methods to rates.
     """
     from tqdm.auto import tqdm
     torch.manual_seed(seed + 2)  # dropout masks
@@ -81,7 +83,8 @@ def train_interleaved(models: list[tuple[str, str, object]], train_batches, test
     for engine, method, model in models:
         params = [p for p in model.parameters() if p.requires_grad]
         state.append(dict(engine=engine, method=method, model=model, params=params,
-                          opt=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+                          opt=torch.optim.AdamW(params, lr=lr[method] if isinstance(lr, dict) else lr,
+                                                weight_decay=0.0),
                           losses=[], times=[], seconds=0.0))
         model.train()
     bar = tqdm(total=len(train_batches), desc=desc, disable=not progress, dynamic_ncols=True,
