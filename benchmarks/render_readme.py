@@ -27,7 +27,8 @@ DEMOS = [os.path.join("benchmarks", "results", "demo_minilm"),
          os.path.join("benchmarks", "results", "demo_minilm_methods")]
 # Result files shown in the README, in order (others stay in benchmarks/results/ only); a missing
 # file is skipped (e.g. a GPU result before a GPU has run).
-SHOWN = ["bench_kernels_cpu.md", "bench_e2e_cpu.md", "cpu_training_serving_memory.md",
+SHOWN = ["bench_kernels_cpu.md", "bench_e2e_cpu.md", "cpu_speedup_bound.md",
+         "cpu_training_serving_memory.md",
          "triton_kernel_report.md", "cuda_kernels_static.md",
          "cuda_prefix_attention.md"]
 
