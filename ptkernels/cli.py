@@ -79,11 +79,23 @@ def collect_info() -> dict:
         "torch_cuda": torch.version.cuda,  # None for a CPU build of torch
         "native": _native_library(),
         "gpus": _gpus(),
-        "env": {name: os.environ.get(name) for name in ("PTKERNELS_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")},
+        "env": {name: os.environ.get(name) for name in ("PTKERNELS_BACKEND", "PTKERNELS_DETERMINISTIC",
+                                                        "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")},
         "backends": rows,
         "backends_error": rows_error,
         "cuda_dropout": _cuda_dropout_route(),
+        "triton_backward": _triton_backward_path(),
     }
+
+
+def _triton_backward_path() -> str | None:
+    """Which backward the Triton kernels run for a light full backward (fused 5-product or the
+    deterministic 7-product one); None without Triton."""
+    try:
+        from ptkernels.backends.triton import attention_bwd
+    except Exception:  # report, do not crash `info`
+        return None
+    return attention_bwd.backward_path()
 
 
 def _cuda_dropout_route() -> str | None:
@@ -122,6 +134,8 @@ def _print_info(info: dict) -> None:
     print("PTKERNELS_BACKEND=" + (env["PTKERNELS_BACKEND"] or "(unset: auto)"))
     if env["TRITON_INTERPRET"]:
         print(f"TRITON_INTERPRET={env['TRITON_INTERPRET']}")
+    if info["triton_backward"]:
+        print(f"triton backward: {info['triton_backward']}")
     print()
     if info["backends_error"]:
         print(f"backend table unavailable: {info['backends_error']}")

@@ -167,6 +167,12 @@ def test_info_json_reports_backend_rows():
     assert info["native"]["built"] == (importlib.util.find_spec("ptkernels._C") is not None)
     # issue 14: where the CUDA kernels hand dropout to another backend, `info` says so
     assert "dropout" in info["cuda_dropout"] and "triton" in info["cuda_dropout"]
+    # issue 11: which Triton backward runs (fused with atomics, or deterministic on request)
+    if importlib.util.find_spec("triton") is not None:
+        fused_default = os.environ.get("PTKERNELS_DETERMINISTIC", "0") != "1"
+        assert info["triton_backward"].startswith("5-product" if fused_default else "7-product")
+        again = _run([sys.executable, "-m", "ptkernels", "info", "--json"], PTKERNELS_DETERMINISTIC="1")
+        assert json.loads(again.stdout)["triton_backward"].startswith("7-product")
 
 
 def test_info_honours_ptkernels_backend():

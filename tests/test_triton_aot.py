@@ -75,6 +75,8 @@ def test_other_shapes_are_compiled(arch):
 
     for mod, name in (("attention_fwd", "attention_fwd"), ("decode", "decode_fwd"),
                       ("attention_bwd", "attention_bwd_dq"), ("attention_bwd", "attention_bwd_dkdv"),
+                      ("attention_bwd", "attention_bwd_dkdv_dq"),
+                      ("attention_bwd", "attention_bwd_dq_prefix"),
                       ("attention_bwd", "attention_bwd_dprefix")):
         module = importlib.import_module(f"{triton_aot.PACKAGE}.{mod}")
         spec = next(s for s in module.AOT_SPECS if s["name"] == name)

@@ -200,15 +200,20 @@ def launches(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("case", [Case(nq=21, nk=33, p=7, causal=True, padding="left"),
-                                  Case(nq=13, nk=19, p=5, form="bank", b=3, t=4, bias="rows")],
-                         ids=Case.id)
-def test_prompt_only_backward(case, launches):
+FUSED = ["preprocess", "dkdv_dq", "dq_prefix", "dprefix", "dprefix_sum"]
+SEPARATE = ["preprocess", "dq", "dkdv", "dprefix", "dprefix_sum"]
+
+
+@pytest.mark.parametrize("case,full_launches",
+                         [(Case(nq=21, nk=33, p=7, causal=True, padding="left"), FUSED),
+                          (Case(nq=13, nk=19, p=5, form="bank", b=3, t=4, bias="rows"), SEPARATE)],
+                         ids=lambda x: x.id() if isinstance(x, Case) else len(x))
+def test_prompt_only_backward(case, full_launches, launches):
     """q, k, v frozen: only the prefix kernel and its partial sum run, and the prefix gradients
-    equal (bitwise) those of the full backward."""
+    equal (bitwise) those of the full backward (fused for a light call, 7-product with a bias)."""
     args, out, lse, grad_out = _direct_inputs(case)
     full = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
-    assert launches == ["preprocess", "dq", "dkdv", "dprefix", "dprefix_sum"]
+    assert launches == full_launches
     launches.clear()
     only = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse,
                    [False, False, False, True, True])
@@ -318,13 +323,85 @@ def test_prefix_blocks():
                     assert prefix_block(7, blocks) == 16 and len(set(blocks)) == len(blocks)
 
 
-def test_deterministic():
-    """No atomics: two runs are bitwise equal."""
+DETERMINISTIC_CASES = [CORE_CASES[i] for i in (0, 4, 5, 6, 10, 12, 15, 17)]
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=Case.id)
+def test_deterministic_path_accuracy(case, monkeypatch, launches):
+    """PTKERNELS_DETERMINISTIC=1: the 7-product path (separate dQ and dK/dV kernels, no atomics)
+    on light calls, vs the float64 reference; the default took the fused path on the same call."""
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
+    check_bwd(case, torch.float32)
+    assert "dq" in launches and "dkdv_dq" not in launches and "dq_prefix" not in launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_and_separate_paths_agree(dtype, monkeypatch):
+    """The same light call (bank prefix, GQA, causal, window, padding; 16x16 tiles so that each
+    query block gathers dQ from several key blocks) through both paths: both within the error
+    budget of the reference, and within float32 summation order (bf16: one rounding) of each
+    other; dK, dV and the prefix gradients do not depend on the path (bitwise)."""
+    monkeypatch.setattr(tbwd, "INTERPRET_CONFIG", tbwd.Config(16, 16, 4, 1))
+    case = Case(nq=45, nk=70, p=9, hq=4, hkv=2, causal=True, window=21, padding="left",
+                form="bank", b=3, t=2)
+    check_bwd(case, dtype)
+    args, out, lse, grad_out = _direct_inputs(case, dtype)
+    fused = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
+    check_bwd(case, dtype)
+    separate = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(fused[0], separate[0], rtol=tol, atol=tol)
+    assert not torch.equal(fused[0], torch.zeros_like(fused[0]))
+    assert all(torch.equal(a, b) for a, b in zip(fused[1:], separate[1:]))
+
+
+def test_deterministic(monkeypatch, launches):
+    """With determinism requested (torch.use_deterministic_algorithms or the environment), no
+    atomics: two runs are bitwise equal."""
     case = Case(nq=19, nk=23, p=7, hq=4, hkv=1, causal=True, form="bank", b=3, t=2)
     args, out, lse, grad_out = _direct_inputs(case, torch.float16)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     first = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
     second = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
+    assert launches == SEPARATE * 2
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_backward_path_choice(monkeypatch):
+    """The fused dQ needs a light call that asks for dQ and dK, has sequence keys and an
+    accumulator with int32 in-head offsets, and no determinism request."""
+    monkeypatch.delenv("PTKERNELS_DETERMINISTIC", raising=False)
+    fused = tbwd.uses_fused_dq
+    assert fused(True, True, False, 5, 2 ** 31 - 1)
+    assert not fused(True, True, True, 5, 64)          # bias / softcap / dropout
+    assert not fused(True, False, False, 5, 64)        # k frozen: dQ alone
+    assert not fused(False, True, False, 5, 64)        # q frozen: dK/dV alone
+    assert not fused(True, True, False, 0, 64)         # no sequence keys
+    assert not fused(True, True, False, 5, 2 ** 31)    # offsets past int32
+    assert tbwd.backward_path().startswith("5-product")
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
+    assert not fused(True, True, False, 5, 64) and tbwd.backward_path().startswith("7-product")
+
+
+@pytest.mark.parametrize("output_mask,expected",
+                         [((True, False, True, False, False), ["preprocess", "dq", "dkdv"]),
+                          ((False, True, True, True, True), ["preprocess", "dkdv", "dprefix",
+                                                             "dprefix_sum"]),
+                          ((True, True, False, False, False), ["preprocess", "dkdv_dq",
+                                                               "dq_prefix"])], ids=str)
+def test_launches_per_output_mask(output_mask, expected, launches):
+    case = Case(nq=21, nk=25, p=7, causal=True, form="bank")
+    check_bwd(case, torch.float32, output_mask=output_mask)
+    assert launches == expected
+
+
+def test_no_sequence_keys_takes_the_dq_kernel(launches):
+    """Nk == 0: the prefix keys only; the dQ kernel (nothing to fuse into) and exact zeros."""
+    case = Case(nq=5, nk=0, p=3)
+    args, out, lse, grad_out = _direct_inputs(case)
+    run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
+    assert launches == ["preprocess", "dq", "dprefix", "dprefix_sum"]
 
 
 def test_any_strides():
@@ -357,8 +434,10 @@ def test_aot_specs_cover_every_candidate(arch):
     from ptkernels.backends.triton import configs
 
     specs = {s["name"].removeprefix("attention_bwd_"): s for s in tbwd.AOT_SPECS}
-    assert set(specs) == {"preprocess", "dq", "dkdv", "dprefix", "dprefix_sum"}
-    for kernel in ("dq", "dkdv", "dprefix"):
+    assert set(specs) == {"preprocess", "dq", "dkdv", "dkdv_dq", "dq_prefix", "dprefix",
+                          "dprefix_sum"}
+    for kernel in ("dq", "dkdv", "dkdv_dq", "dq_prefix", "dprefix"):
+        light_only = kernel in tbwd.FUSED_KERNELS
         compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"], v["heavy"])
                     for v in specs[kernel]["variants"](arch)}
         for v in specs[kernel]["variants"](arch):
@@ -368,12 +447,17 @@ def test_aot_specs_cover_every_candidate(arch):
             # every mask / prefix feature the kernel has is on
             assert cx.get("PREFIX_MODE", 3) == 3
             assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_WINDOW", "HAS_KPM"))
+            # and the path's own constexprs are those the host passes for that kernel name
+            assert cx.get("FUSE_DQ", kernel == "dkdv_dq") == (kernel == "dkdv_dq")
+            assert cx.get("SEQ_KEYS", kernel != "dq_prefix") == (kernel != "dq_prefix")
         for dtype in configs.DTYPES:
             for bd in configs.HEAD_DIM_BUCKETS:
                 for heavy in (True, False):
-                    for cfg in tbwd.candidates(kernel, arch, dtype, bd, heavy):
-                        key = (configs.aot_dtype(dtype), f"d{bd}", str(cfg),
-                               heavy or dtype == torch.float32)
+                    cands = tbwd.candidates(kernel, arch, dtype, bd, heavy)
+                    assert bool(cands) == (not (light_only and heavy)) or dtype == torch.float32
+                    for cfg in cands:
+                        compiled_heavy = not light_only and (heavy or dtype == torch.float32)
+                        key = (configs.aot_dtype(dtype), f"d{bd}", str(cfg), compiled_heavy)
                         assert key in compiled, f"{kernel} sm_{arch}: {key} is never compiled"
 
 
@@ -398,7 +482,9 @@ def test_gpu_head_dims(d):
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_50_runs():
+def test_gpu_deterministic_50_runs(monkeypatch):
+    """The deterministic path under load (the default fused dQ uses float32 atomics)."""
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
     case = Case(b=4, hq=8, hkv=2, nq=509, nk=1021, p=64, d=128, causal=True, form="bank", t=3)
     args, out, lse, grad_out = _direct_inputs(case, torch.bfloat16)
     first = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)

@@ -1,23 +1,34 @@
 """Triton backward of ``ptkernels::prefix_attention_bwd`` (the op conventions are in
 ``ptkernels/ops/prefix_attention.py``; the semantics are ``ptkernels.backends.eager``'s).
 
-Kernels, each writing its outputs once (no atomics, deterministic):
+Kernels:
 
 * ``_bwd_preprocess_kernel``: delta = rowsum(dO * O) - grad_lse, float32 (B, Hq, Nq).
-* ``_bwd_dq_kernel``: grid (cdiv(Nq, BM) * B * Hq,); a query block loops over the prefix keys of
-  its row's prefix, then over the sequence key blocks it can see (causal/window block skipping).
 * ``_bwd_dkdv_kernel``: grid (cdiv(Nk, BN) * B * Hkv,); a sequence key block loops over the G query
   heads of its KV head (GQA reduction in registers) and the query blocks that can see it.
+* ``_bwd_dq_kernel``: grid (cdiv(Nq, BM) * B * Hq,); a query block loops over the prefix keys of
+  its row's prefix, then (SEQ_KEYS) over the sequence key blocks it can see (causal/window block
+  skipping).
 * ``_bwd_dprefix_kernel`` + ``_sum_partials_kernel`` (``attention_bwd_prefix.py``): dprefix_k /
   dprefix_v; the prefix kernel computes its own delta, writes float32 partials per (batch row,
   query chunk), and the sum kernel adds them per prefix in a fixed order (deterministic).
 
+Two paths for the sequence part of dQ (``uses_fused_dq``). Fused, the default for light calls
+(no bias, softcap or dropout) that need dQ and dK: the dK/dV kernel also computes each tile
+pair's dQ = dS K and adds it with float32 atomics to a (B, Hq, Nq, D) accumulator, and the dQ
+kernel then runs over the prefix keys only and adds the accumulator before its single store
+(FlashAttention-2's structure: S and dP are computed once per tile pair, 5 products instead of
+7). Separate (7 products, no atomics, bitwise reproducible): heavy calls, whose tiles have no
+registers left for a dQ tile; partial gradient requests; and any call when determinism is asked
+for (``torch.use_deterministic_algorithms(True)`` or PTKERNELS_DETERMINISTIC=1).
+
 Given the final lse and delta each segment's backward is independent, so the prompt-only
 backward (only dprefix_k / dprefix_v requested: q, k, v frozen) launches just the prefix kernel
 and its sum; the preprocess, dQ and dK/dV kernels, whose cost grows with Nq * Nk, never run. In
-matrix products: the full backward costs 2 * D * 7 * (S + R) FLOPs per head (dQ: 3 products over
-the S visible sequence pairs and the R = Nq * P prefix pairs; dK/dV: 4 over S; dprefix: 4 over R),
-the prompt-only one 2 * D * 4 * R: e.g. 3.4% of it for Nq = Nk = 2048 causal, P = 64.
+matrix products, per head, over the S visible sequence pairs and the R = Nq * P prefix pairs:
+the fused backward costs 2 * D * (5 * S + 7 * R) FLOPs (dK/dV + dQ: 5 over S; dQ: 3 over R;
+dprefix: 4 over R), the separate one 2 * D * 7 * (S + R), the prompt-only one 2 * D * 4 * R:
+e.g. 4.6% of the fused cost for Nq = Nk = 2048 causal, P = 64.
 
 Grids fold (batch, head) into axis 0 (no 65,535 limit on B * Hq). Configurations: one table per
 kernel, arch (sm_80 / sm_90), dtype class and head-dim bucket (``candidates``); the first that
@@ -25,6 +36,8 @@ the GPU can hold runs (``_run``: deterministic, no timing); a fixed small one un
 interpreter. All are compiled ahead of time by tests/test_triton_aot.py (``AOT_SPECS``).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -126,7 +139,7 @@ def _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
 @triton.jit
 def _bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_ptr, do_ptr, lse_ptr,
-        delta_ptr, dq_ptr,
+        delta_ptr, dq_ptr, dqacc_ptr,
         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
         s_pkt, s_pkh, s_pkn, s_pkd, s_pvt, s_pvh, s_pvn, s_pvd,
         s_kpmb, s_kpmn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
@@ -137,9 +150,15 @@ def _bwd_dq_kernel(
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_DROPOUT: tl.constexpr,
+        SEQ_KEYS: tl.constexpr, DQ_ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         FP32_DOTS: tl.constexpr):
-    """Grid (cdiv(Nq, BLOCK_M) * B * Hq,). dq (B, Hq, Nq, D) in q's dtype."""
+    """Grid (cdiv(Nq, BLOCK_M) * B * Hq,). dq (B, Hq, Nq, D) in q's dtype.
+
+    SEQ_KEYS: loop over the sequence keys too (the 7-product path); without it only the prefix
+    keys (the fused path, whose dK/dV kernel added the sequence part). DQ_ACC: add the float32
+    accumulator dqacc (B, Hq, Nq, D) contiguous, which the fused dK/dV kernel filled, before the
+    single cast and store."""
     n_mb = tl.cdiv(Nq, BLOCK_M)
     pid_m = tl.program_id(0) % n_mb
     bh = tl.program_id(0) // n_mb
@@ -176,41 +195,48 @@ def _bwd_dq_kernel(
                                 False, False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
                                 BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
 
-    # Sequence keys this query block can see: bottom-right causal j <= i + (Nk - Nq); window
-    # (i + Nk - Nq) - j < window. Blocks outside [n_lo, n_hi) are skipped.
-    diag_off = Nk - Nq
-    n_hi = Nk
-    if CAUSAL:
-        n_hi = tl.minimum(n_hi, m0 + BLOCK_M + diag_off)
-    n_lo = 0
-    if HAS_WINDOW:
-        n_lo = tl.maximum(m0 + diag_off - window + 1, 0)
-        n_lo = (n_lo // BLOCK_N) * BLOCK_N
-    k_base = k_ptr + b64 * s_kb + hk * s_kh
-    v_base = v_ptr + b64 * s_vb + hk * s_vh
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        dq = _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base + P * s_bn,
-                            kpm_ptr + b64 * s_kpmb, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpmn,
-                            n0, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
-                            scale, softcap, dropout_p, seed, row_len, P,
-                            HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
-                            BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+    if SEQ_KEYS:
+        # Sequence keys this query block can see: bottom-right causal j <= i + (Nk - Nq); window
+        # (i + Nk - Nq) - j < window. Blocks outside [n_lo, n_hi) are skipped.
+        diag_off = Nk - Nq
+        n_hi = Nk
+        if CAUSAL:
+            n_hi = tl.minimum(n_hi, m0 + BLOCK_M + diag_off)
+        n_lo = 0
+        if HAS_WINDOW:
+            n_lo = tl.maximum(m0 + diag_off - window + 1, 0)
+            n_lo = (n_lo // BLOCK_N) * BLOCK_N
+        k_base = k_ptr + b64 * s_kb + hk * s_kh
+        v_base = v_ptr + b64 * s_vb + hk * s_vh
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            dq = _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base + P * s_bn,
+                                kpm_ptr + b64 * s_kpmb, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn,
+                                s_kpmn, n0, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
+                                scale, softcap, dropout_p, seed, row_len, P,
+                                HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                                BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+    if DQ_ACC:  # loaded after the loop: the accumulator tile is not held through it
+        dq += tl.load(dqacc_ptr + (b64 * Hq + h) * Nq * D
+                      + (offs_m[:, None] * D + offs_d[None, :]), mask=md, other=0.0)
     tl.store(dq_ptr + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
              cast_rounded(dq, dq_ptr.dtype.element_ty, FP32_DOTS), mask=md)
 
 
 @triton.jit
-def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base,
+def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
                     s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
                     m0, offs_n, col_valid, b, h, Hq, Nq, D: tl.constexpr, diag_off, window,
                     scale, softcap, dropout_p, seed, row_len, col0,
                     MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+                    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, FUSE_DQ: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     FP32_DOTS: tl.constexpr):
     """dK/dV contributions of the query block [m0, m0 + BLOCK_M) of head (b, h) to one sequence
-    key block (``_key_tile_grads`` after loading the query tiles, lse and delta)."""
+    key block (``_key_tile_grads`` after loading the query tiles, lse and delta). FUSE_DQ: also
+    this tile pair's dQ = dS K, added with float32 atomics to the (Nq, D) accumulator of the head
+    at ``dqacc_base`` (the FA2 structure: 5 products per tile pair instead of the 7 of separate
+    dQ and dK/dV kernels, which both recompute S and dP)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Nq
@@ -221,26 +247,38 @@ def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_ba
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    return _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
-                           offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
-                           scale, softcap, dropout_p, seed, row_len, col0,
-                           MASK_CAUSAL, MASK_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
-                           NEED_DK, NEED_DV, q_base.dtype.element_ty, BLOCK_M, BLOCK_N, FP32_DOTS)
+    DT: tl.constexpr = q_base.dtype.element_ty
+    dk, dv, ds = _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
+                                 offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
+                                 scale, softcap, dropout_p, seed, row_len, col0,
+                                 MASK_CAUSAL, MASK_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                                 NEED_DK, NEED_DV, DT, BLOCK_M, BLOCK_N, FP32_DOTS)
+    if FUSE_DQ:
+        # In-head offsets fit int32 (the host fuses only when Nq * D < 2^31); relaxed atomics:
+        # only the final sum is read, by the next kernel.
+        dq = mma(tl.trans(round_to(ds, DT, FP32_DOTS)), k,
+                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), FP32_DOTS)
+        tl.atomic_add(dqacc_base + (offs_m[:, None] * D + offs_d[None, :]), dq, mask=md,
+                      sem="relaxed")
+    return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, kpm_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        dqacc_ptr,
         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
         s_kpmb, s_kpmn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
         s_gb, s_gh, s_gn, s_gd,  # dk and dv: same (contiguous) layout
         Hq, Hkv, Nq, Nk, P, window, scale, softcap, dropout_p, seed,
         D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+        NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, FUSE_DQ: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         FP32_DOTS: tl.constexpr):
-    """Grid (cdiv(Nk, BLOCK_N) * B * Hkv,). dk, dv (B, Hkv, Nk, D) in k's / v's dtype."""
+    """Grid (cdiv(Nk, BLOCK_N) * B * Hkv,). dk, dv (B, Hkv, Nk, D) in k's / v's dtype; with
+    FUSE_DQ (needs NEED_DK) also the sequence keys' dQ into dqacc (B, Hq, Nq, D) float32,
+    zero-filled by the host."""
     n_nb = tl.cdiv(Nk, BLOCK_N)
     pid_n = tl.program_id(0) % n_nb
     bhk = tl.program_id(0) // n_nb
@@ -281,14 +319,15 @@ def _bwd_dkdv_kernel(
         lse_base = lse_ptr + (b64 * Hq + h) * Nq
         delta_base = delta_ptr + (b64 * Hq + h) * Nq
         bias_base = bias_ptr + b64 * s_bb + h * s_bh + P * s_bn
+        dqacc_base = dqacc_ptr + (b64 * Hq + h) * Nq * D
         for m0 in range(m_lo, m_hi, BLOCK_M):
             dk, dv = _key_block_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base,
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
                 s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
                 m0, offs_n, col_valid, b, h, Hq, Nq, D, diag_off, window,
                 scale, softcap, dropout_p, seed, row_len, P,
                 CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
-                BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+                FUSE_DQ, BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     out_off = b64 * s_gb + hk * s_gh + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd
     if NEED_DK:
         tl.store(dk_ptr + out_off, cast_rounded(dk, dk_ptr.dtype.element_ty, FP32_DOTS), mask=nd)
@@ -313,6 +352,8 @@ _C = Config
 _FP32 = {
     "dq": {64: [_C(32, 32, 4, 2)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
     "dkdv": {64: [_C(16, 32, 4, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
+    "dkdv_dq": {64: [_C(16, 32, 4, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
+    "dq_prefix": {64: [_C(32, 32, 4, 2)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
 }
 _FP32_90 = _FP32
 _HEAVY = {
@@ -330,9 +371,16 @@ _LIGHT = {
            256: [_C(32, 32, 4, 1)]},
     "dkdv": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 4, 1)]},
+    # The fused backward (light calls only, ``uses_fused_dq``): dK/dV programs that also hold a
+    # (BLOCK_M, D) float32 dQ tile per step, and the prefix-keys dQ kernel that adds their sum.
+    "dkdv_dq": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
+                256: [_C(16, 32, 8, 1), _C(16, 16, 4, 1), _C(16, 16, 8, 1)]},
+    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)],
+                  128: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 256: [_C(32, 32, 4, 1)]},
 }
 _LIGHT_90 = dict(_LIGHT, dkdv={**_LIGHT["dkdv"], 64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)],
-                               128: [_C(32, 128, 8, 3), _C(16, 64, 8, 1)]})
+                               128: [_C(32, 128, 8, 3), _C(16, 64, 8, 1)]},
+                 dkdv_dq={**_LIGHT["dkdv_dq"], 256: [_C(16, 32, 8, 1), _C(16, 16, 8, 1)]})
 # Prefix gradients (attention_bwd_prefix.py): Config(query rows per step, BLOCK_P = prefix rows
 # held, warps, stages); ``candidates(..., block_p=)`` keeps those of one BLOCK_P, and the call's
 # BLOCK_P is the smallest of the list that holds the whole prefix, else the largest (the prefix
@@ -357,7 +405,9 @@ _PREFIX = {
 
 
 def _tables(light, heavy, fp32, prefix=_PREFIX):
-    out = {k: {"16bit": light[k], "16bit_heavy": heavy[k], "fp32": fp32[k]} for k in light}
+    # the fused kernels ("dkdv_dq", "dq_prefix") serve light calls only: no heavy table
+    out = {k: {"16bit": light[k], "16bit_heavy": heavy.get(k, {}), "fp32": fp32[k]}
+           for k in light}
     return dict(out, dprefix=prefix)
 
 
@@ -375,13 +425,14 @@ def fp32_dots(dtype: torch.dtype, block_d: int) -> int:
 
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,
                heavy: bool = True, block_p: int | None = None) -> list[Config]:
-    """Every configuration the backward may run ``kernel`` ("dq", "dkdv", "dprefix") with;
+    """Every configuration the backward may run ``kernel`` ("dq", "dkdv", "dkdv_dq", "dq_prefix",
+    "dprefix") with (none for a fused kernel and a heavy call);
     ``heavy`` = the call has an attention bias, soft-capping or dropout; ``block_p`` (dprefix
     only) keeps the configurations of that prefix block (all when None)."""
     table = _BWD[configs.table_arch(arch)][kernel]
     bucket = next(ub for ub in configs.HEAD_DIM_BUCKETS if block_d <= ub)
     cls = "fp32" if dtype == torch.float32 else ("16bit_heavy" if heavy else "16bit")
-    return [c for c in table[cls][bucket] if block_p is None or c.block_n == block_p]
+    return [c for c in table[cls].get(bucket, []) if block_p is None or c.block_n == block_p]
 
 
 _CHOSEN: dict = {}
@@ -491,6 +542,31 @@ def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_in
             BLOCK=block, FP32_DOTS=INTERPRET, num_warps=4)
 
 
+def deterministic_requested() -> bool:
+    """``torch.use_deterministic_algorithms(True)`` or PTKERNELS_DETERMINISTIC=1: the backward
+    then avoids the float32 atomics of the fused dQ (bitwise-reproducible gradients)."""
+    return torch.are_deterministic_algorithms_enabled() or \
+        os.environ.get("PTKERNELS_DETERMINISTIC", "0") == "1"
+
+
+def uses_fused_dq(need_dq: bool, need_dk: bool, heavy: bool, nk: int, head_elems: int) -> bool:
+    """Whether the sequence keys' dQ is fused into the dK/dV kernel (5 products per tile pair,
+    dQ added with float32 atomics) rather than computed by the dQ kernel (7 products between the
+    two, no atomics). Fused: light calls (no bias, softcap, dropout: the heavy tiles have no
+    registers left for a dQ tile) that need both dQ and dK, with sequence keys, an accumulator
+    whose in-head offsets fit int32 (``head_elems`` = Nq * D < 2^31), and no determinism asked
+    for (``deterministic_requested``)."""
+    return (need_dq and need_dk and not heavy and nk > 0 and head_elems < 2 ** 31
+            and not deterministic_requested())
+
+
+def backward_path() -> str:
+    """What a light full backward runs now (``ptkernels info``)."""
+    if deterministic_requested():
+        return "7-product (separate dQ and dK/dV kernels, deterministic)"
+    return "5-product (dQ fused into dK/dV, float32 atomics; deterministic on request)"
+
+
 # ----------------------------------------------------------------------------------------------
 # Host wrapper
 # ----------------------------------------------------------------------------------------------
@@ -547,33 +623,44 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     s_bias = strides(attn_bias, 4)
     kpm_t = kpm if kpm is not None else dummy
 
-    if need_dq:
-        _run("dq", _bwd_dq_kernel, lambda c: (triton.cdiv(nq, c.block_m) * b * hq,),
-             tune_key + (mode,),
-             q.dtype, bd, dev,
-             q, k, v, prefix_k if has_prefix else dummy, prefix_v if has_prefix else dummy,
-             prefix_index if mode == 3 else dummy, kpm_t, bias, grad_out, lse, delta, dq,
+    prefix_args = (prefix_k if has_prefix else dummy, prefix_v if has_prefix else dummy,
+                   prefix_index if mode == 3 else dummy)
+    fused = uses_fused_dq(need_dq, need_dk, bool(flags["HAS_BIAS"] or flags["HAS_SOFTCAP"]
+                                                 or flags["HAS_DROPOUT"]), nk, nq * d)
+    dqacc = torch.zeros((b, hq, nq, d), dtype=torch.float32, device=dev) if fused else dummy
+
+    def run_dq(name, seq_keys):
+        _run(name, _bwd_dq_kernel, lambda c: (triton.cdiv(nq, c.block_m) * b * hq,),
+             tune_key + (mode,), q.dtype, bd, dev,
+             q, k, v, *prefix_args, kpm_t, bias, grad_out, lse, delta, dq, dqacc,
              *q.stride(), *k.stride(), *v.stride(), *strides(prefix_k if has_prefix else None, 4),
              *strides(prefix_v if has_prefix else None, 4), *strides(kpm, 2), *s_bias,
              *grad_out.stride(), *dq.stride(),
              hq, hkv, nq, nk, p_len, **opts,
              PREFIX_MODE=mode, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-             HAS_KPM=kpm is not None, **flags)
+             HAS_KPM=kpm is not None, SEQ_KEYS=seq_keys, DQ_ACC=not seq_keys, **flags)
+
+    if need_dq and not fused:
+        run_dq("dq", seq_keys=True)
 
     if (need_dk or need_dv) and nk > 0:
         like = dk if need_dk else dv
-        _run("dkdv", _bwd_dkdv_kernel, lambda c: (triton.cdiv(nk, c.block_n) * b * hkv,), tune_key,
+        _run("dkdv_dq" if fused else "dkdv", _bwd_dkdv_kernel,
+             lambda c: (triton.cdiv(nk, c.block_n) * b * hkv,), tune_key,
              q.dtype, bd, dev,
              q, k, v, kpm_t, bias, grad_out, lse, delta,
-             dk if need_dk else dummy, dv if need_dv else dummy,
+             dk if need_dk else dummy, dv if need_dv else dummy, dqacc,
              *q.stride(), *k.stride(), *v.stride(), *strides(kpm, 2), *s_bias,
              *grad_out.stride(), *like.stride(),
              hq, hkv, nq, nk, p_len, **opts,
              CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=kpm is not None,
-             NEED_DK=need_dk, NEED_DV=need_dv, **flags)
+             NEED_DK=need_dk, NEED_DV=need_dv, FUSE_DQ=fused, **flags)
     elif need_dk or need_dv:  # Nk == 0: empty gradients, nothing to write
         dk.zero_()
         dv.zero_()
+
+    if fused:  # the prefix keys' dQ, plus the sequence part accumulated above: one cast, one store
+        run_dq("dq_prefix", seq_keys=False)
 
     if need_dpk or need_dpv:
         _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_index, bias,
@@ -602,7 +689,13 @@ _POINTERS = {"q_ptr": "DT", "k_ptr": "DT", "v_ptr": "DT", "pk_ptr": "DT", "pv_pt
              "do_ptr": "DT", "dq_ptr": "DT", "dk_ptr": "DT", "dv_ptr": "DT", "dpk_ptr": "DT",
              "dpv_ptr": "DT", "pidx_ptr": "i64", "kpm_ptr": "u8", "bias_ptr": "fp32",
              "lse_ptr": "fp32", "delta_ptr": "fp32", "rows_ptr": "i32", "row_start_ptr": "i32",
-             "o_ptr": "DT", "glse_ptr": "fp32", "wk_ptr": "fp32", "wv_ptr": "fp32"}
+             "o_ptr": "DT", "glse_ptr": "fp32", "wk_ptr": "fp32", "wv_ptr": "fp32",
+             "dqacc_ptr": "fp32"}
+# Per kernel table: its path's constexprs (the same kernels serve both backward paths).
+_PATH_FEATURES = {"dq": dict(SEQ_KEYS=True, DQ_ACC=False), "dkdv": dict(FUSE_DQ=False),
+                  "dkdv_dq": dict(FUSE_DQ=True), "dq_prefix": dict(SEQ_KEYS=False, DQ_ACC=True),
+                  "dprefix": {}}
+FUSED_KERNELS = ("dkdv_dq", "dq_prefix")  # light calls only (``uses_fused_dq``)
 
 
 # fp16 and bf16 share the 16-bit tables and their code differs only in conversions: the 16-bit
@@ -616,12 +709,16 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
         dt = SIG_DTYPE[dtype]
         ptrs = {a: "*" + (dt if t == "DT" else t) for a, t in _POINTERS.items()
                 if a in kernel.arg_names}
-        classes = (True,) if dtype == torch.float32 else (True, False)  # heavy / light tables
+        # heavy / light tables (fp32: one table, compiled heavy unless the kernel is light-only)
+        if name in FUSED_KERNELS:
+            classes = (False,)
+        else:
+            classes = (True,) if dtype == torch.float32 else (True, False)
         for bd, heavy in [(bd, h) for bd in configs.HEAD_DIM_BUCKETS for h in classes]:
             for cfg in candidates(name, arch, dtype, bd, heavy):
                 exact = dtype == torch.float32 and bd >= 128  # fp32_dots() on a GPU
                 feats = _ALL_FEATURES if heavy else _LIGHT_FEATURES
-                cx = dict(feats, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                cx = dict(feats, **_PATH_FEATURES[name], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           BLOCK_P=cfg.block_n, BLOCK_D=bd, D=bd, FP32_DOTS=exact,
                           **{s: 1 for s in _UNIT_STRIDES})
                 cx = {k: v for k, v in cx.items() if k in kernel.arg_names}
@@ -683,6 +780,15 @@ AOT_SPECS = [
      "description": "dK/dV of the sequence keys, GQA heads reduced in-program (backward)",
      "products_per_tile": "4 (KQ^T, V dO^T, P^T dO, dS^T Q)",
      "variants": lambda arch: _aot_variants(_bwd_dkdv_kernel, "dkdv", arch)},
+    {"name": "attention_bwd_dkdv_dq", "kernel": _bwd_dkdv_kernel,
+     "description": "dK/dV of the sequence keys with their dQ fused (float32 atomics; the "
+                    "5-product backward of light calls)",
+     "products_per_tile": "5 (KQ^T, V dO^T, P^T dO, dS^T Q, dS K)",
+     "variants": lambda arch: _aot_variants(_bwd_dkdv_kernel, "dkdv_dq", arch)},
+    {"name": "attention_bwd_dq_prefix", "kernel": _bwd_dq_kernel,
+     "description": "dQ over the prefix keys plus the fused accumulator (5-product backward)",
+     "products_per_tile": "3 (QK^T, dO V^T, dS K), prefix keys only",
+     "variants": lambda arch: _aot_variants(_bwd_dq_kernel, "dq_prefix", arch)},
     {"name": "attention_bwd_dprefix", "kernel": _bwd_dprefix_kernel,
      "description": "dprefix_k/dprefix_v partials of (batch row, query chunk), delta in-kernel "
                     "(prompt-only backward); config = query rows x prefix block",

@@ -47,7 +47,9 @@ def _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOTS: tl.constexpr):
-    """dK/dV contributions of one query tile to one key tile; returns the updated float32 (dk, dv).
+    """dK/dV contributions of one query tile to one key tile; returns the updated float32 (dk, dv)
+and the (BN, BM) float32 score gradient dS^T (scaled; meaningful only with NEED_DK), from which
+the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
 
     k, v: (BN, BLOCK_D) key tiles; q, do: (BM, BLOCK_D) query tiles (zeros past Nq / D);
     lse2 (BM,) = lse * log2(e), +inf on rows past Nq or that see no key; delta (BM,);
@@ -82,6 +84,7 @@ def _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
         p_drop = p
     if NEED_DV:
         dv = mma(round_to(p_drop, DT, FP32_DOTS), do, dv, FP32_DOTS)
+    ds = p  # returned unused when dK is not needed (dQ is fused only into calls that need dK)
     if NEED_DK:
         dp = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), FP32_DOTS)
         if HAS_DROPOUT:
@@ -91,7 +94,7 @@ def _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
             ds = ds * (1.0 - t * t)
         ds = ds * scale
         dk = mma(round_to(ds, DT, FP32_DOTS), q, dk, FP32_DOTS)
-    return dk, dv
+    return dk, dv, ds
 
 
 def prefix_block(p_len: int, blocks) -> int:
@@ -170,7 +173,7 @@ def _bwd_dprefix_kernel(
                                      mask=row_ok, other=0.0).to(tl.float32)
             else:
                 delta = tl.zeros([BLOCK_M], tl.float32)
-            dk, dv = _key_tile_grads(
+            dk, dv, _ = _key_tile_grads(
                 dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                 offs_m, row_ok, offs_p, p_valid, b64, h, Hq, 0, 0,
                 scale, softcap, dropout_p, seed, row_len, 0,
