@@ -5,14 +5,18 @@ and by the prompt-only backward's saved-work line).
 Matrix-product FLOPs (2 per multiply-add), per (batch row, query head):
 
 * forward: 2 products (Q K^T, P V) per visible (query, key) pair: 4 D per pair;
-* full backward: dQ kernel 3 products (S, dP, dS K) over the sequence and prefix pairs, dK/dV
-  kernel 4 (S, dP, P^T dO, dS^T Q) over the sequence pairs, prefix kernel 4 over the prefix pairs:
-  2 D (7 S + 7 R) for S sequence pairs and R = Nq P prefix pairs;
+* full backward, fused (the default of light calls: no bias, softcap or dropout): dK/dV kernel 5
+  products (S, dP, P^T dO, dS^T Q, dS K) over the sequence pairs, dQ kernel 3 (S, dP, dS K) and
+  prefix kernel 4 over the prefix pairs: 2 D (5 S + 7 R) for S sequence pairs and R = Nq P prefix
+  pairs; separate (heavy or deterministic calls): the dQ kernel also over the sequence pairs,
+  2 D (7 S + 7 R);
 * prompt-only backward (q, k, v frozen): only the prefix kernel: 2 D 4 R.
 
-``useful`` counts the visible pairs only; ``executed`` counts whole tiles of the blocks the kernels
-loop over (causal / window block skipping included, the masked part of a boundary tile counted),
-which is what the hardware runs. Bytes are the compulsory HBM traffic (every input read once,
+``useful`` counts the visible pairs only, with the least number of products an exact method needs
+(forward 2, backward 5 per pair, as FlashAttention counts; the same for every provider, so that
+TFLOP/s compare); ``executed`` counts this package's products over whole tiles of the blocks the
+kernels loop over (causal / window block skipping included, the masked part of a boundary tile
+counted), which is what the hardware runs. Bytes are the compulsory HBM traffic (every input read once,
 every output written once); the kernels re-read K/V per query block, mostly from L2.
 """
 from __future__ import annotations
@@ -72,9 +76,10 @@ def visited_sequence_tiles(s: Shape, block_m: int, block_n: int) -> int:
     return tiles
 
 
-def cost(s: Shape, mode: str, block_m: int = 128, block_n: int = 64) -> dict:
+def cost(s: Shape, mode: str, block_m: int = 128, block_n: int = 64, fused: bool = True) -> dict:
     """FLOPs (useful, executed) and compulsory bytes of one call; mode "fwd", "bwd" (full),
-    "bwd_prompt" (prefix gradients only) or "fwd+bwd"."""
+    "bwd_prompt" (prefix gradients only) or "fwd+bwd"; ``fused``: the backward's sequence dQ is
+    fused into the dK/dV kernel (``attention_bwd.uses_fused_dq``)."""
     heads = s.b * s.hq
     seq = sequence_pairs(s)
     pre = s.nq * s.p
@@ -90,10 +95,16 @@ def cost(s: Shape, mode: str, block_m: int = 128, block_n: int = 64) -> dict:
     fwd = {"useful": 4 * s.d * (seq + pre) * heads, "executed": 4 * s.d * (seq_exec + pre_exec) * heads,
            "bytes": q_bytes + kv_bytes + prefix_bytes + q_bytes + lse_bytes}
     # backward: reads q, k, v, prefix, out, dout, lse; writes dq, dk, dv, dprefix (+ delta)
-    bwd = {"useful": 2 * s.d * 7 * (seq + pre) * heads,
-           "executed": 2 * s.d * (3 * (seq_exec + pre_exec) + 4 * seq_exec + 4 * pre_exec) * heads,
+    # (fused: plus the float32 dQ accumulator, zero-filled and read once; its atomic adds are
+    # counted as L2 traffic, not here)
+    seq_products = 5 if fused else 7
+    acc_bytes = 2 * s.b * s.hq * s.nq * s.d * 4 if fused else 0
+    # useful: FlashAttention-2's count (5 products per visible pair, the least any exact
+    # backward computes), the same for every provider; executed: what these kernels run
+    bwd = {"useful": 2 * s.d * 5 * (seq + pre) * heads,
+           "executed": 2 * s.d * (seq_products * seq_exec + 7 * pre_exec) * heads,
            "bytes": 3 * q_bytes + kv_bytes + prefix_bytes + 2 * lse_bytes
-           + q_bytes + kv_bytes + prefix_bytes}
+           + q_bytes + kv_bytes + prefix_bytes + acc_bytes}
     # prompt-only backward: reads q, out, dout, lse (delta is computed in the prefix kernel) and
     # the prefix; writes dprefix (the float32 per-chunk partials are not counted: they scale
     # with B * chunks * P * D, small next to the query-side reads)

@@ -234,7 +234,8 @@ def render(rows, dtype, device, args) -> str:
     peak = None if args.cpu_smoke else device_peak(torch.cuda.get_device_name())
     elem = torch.tensor([], dtype=dtype).element_size()
     lines += ["GFLOP and MB per call are exact (`benchmarks/attention_cost.py`): matrix-product "
-              "FLOPs of the visible (query, key) pairs (forward 4 D per pair, backward 14 D, "
+              "FLOPs of the visible (query, key) pairs (forward 4 D per pair, backward 10 D as "
+              "FlashAttention counts, "
               "prompt-only backward 8 D per prefix pair) and the compulsory HBM traffic. "
               + (f"Peaks: {peak[0]:g} TFLOP/s, {peak[1]:g} GB/s (data sheet)." if peak else
                  "No device peak known here: no percentages."), ""]
