@@ -768,32 +768,32 @@ def _sum_variants(arch: int) -> list[dict]:
     return out
 
 
+def _table_spec(table: str, kernel, description: str, products: str) -> dict:
+    """The AOT spec of one backward table (``_aot_variants``)."""
+    return {"name": "attention_bwd_" + table, "kernel": kernel, "description": description,
+            "products_per_tile": products,
+            "variants": lambda arch: _aot_variants(kernel, table, arch)}
+
+
+_DKDV_PRODUCTS = "4 (KQ^T, V dO^T, P^T dO, dS^T Q)"
 AOT_SPECS = [
     {"name": "attention_bwd_preprocess", "kernel": _bwd_preprocess_kernel,
      "description": "delta = rowsum(dO * O) - grad_lse (backward)",
      "variants": _preprocess_variants},
-    {"name": "attention_bwd_dq", "kernel": _bwd_dq_kernel,
-     "description": "dQ over prefix + sequence keys (backward)",
-     "products_per_tile": "3 (QK^T, dO V^T, dS K)",
-     "variants": lambda arch: _aot_variants(_bwd_dq_kernel, "dq", arch)},
-    {"name": "attention_bwd_dkdv", "kernel": _bwd_dkdv_kernel,
-     "description": "dK/dV of the sequence keys, GQA heads reduced in-program (backward)",
-     "products_per_tile": "4 (KQ^T, V dO^T, P^T dO, dS^T Q)",
-     "variants": lambda arch: _aot_variants(_bwd_dkdv_kernel, "dkdv", arch)},
-    {"name": "attention_bwd_dkdv_dq", "kernel": _bwd_dkdv_kernel,
-     "description": "dK/dV of the sequence keys with their dQ fused (float32 atomics; the "
-                    "5-product backward of light calls)",
-     "products_per_tile": "5 (KQ^T, V dO^T, P^T dO, dS^T Q, dS K)",
-     "variants": lambda arch: _aot_variants(_bwd_dkdv_kernel, "dkdv_dq", arch)},
-    {"name": "attention_bwd_dq_prefix", "kernel": _bwd_dq_kernel,
-     "description": "dQ over the prefix keys plus the fused accumulator (5-product backward)",
-     "products_per_tile": "3 (QK^T, dO V^T, dS K), prefix keys only",
-     "variants": lambda arch: _aot_variants(_bwd_dq_kernel, "dq_prefix", arch)},
-    {"name": "attention_bwd_dprefix", "kernel": _bwd_dprefix_kernel,
-     "description": "dprefix_k/dprefix_v partials of (batch row, query chunk), delta in-kernel "
-                    "(prompt-only backward); config = query rows x prefix block",
-     "products_per_tile": "4 (KQ^T, V dO^T, P^T dO, dS^T Q)",
-     "variants": lambda arch: _aot_variants(_bwd_dprefix_kernel, "dprefix", arch)},
+    _table_spec("dq", _bwd_dq_kernel, "dQ over prefix + sequence keys (backward)",
+                "3 (QK^T, dO V^T, dS K)"),
+    _table_spec("dkdv", _bwd_dkdv_kernel,
+                "dK/dV of the sequence keys, GQA heads reduced in-program (backward)",
+                _DKDV_PRODUCTS),
+    _table_spec("dkdv_dq", _bwd_dkdv_kernel,
+                "dK/dV of the sequence keys with their dQ fused (float32 atomics; the 5-product "
+                "backward of light calls)", "5 (KQ^T, V dO^T, P^T dO, dS^T Q, dS K)"),
+    _table_spec("dq_prefix", _bwd_dq_kernel,
+                "dQ over the prefix keys plus the fused accumulator (5-product backward)",
+                "3 (QK^T, dO V^T, dS K), prefix keys only"),
+    _table_spec("dprefix", _bwd_dprefix_kernel,
+                "dprefix_k/dprefix_v partials of (batch row, query chunk), delta in-kernel "
+                "(prompt-only backward); config = query rows x prefix block", _DKDV_PRODUCTS),
     {"name": "attention_bwd_dprefix_sum", "kernel": _sum_partials_kernel,
      "description": "fixed-order float32 sum of the dprefix partials per prefix (deterministic)",
      "variants": _sum_variants},
