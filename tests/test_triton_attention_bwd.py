@@ -168,9 +168,14 @@ def test_partial_output_mask(output_mask):
 
 
 def test_small_tiles_and_block_skipping(monkeypatch):
-    """16x16 tiles: many key/query blocks, so causal/window block skipping is really exercised."""
+    """16x16 tiles: many key/query blocks, so causal/window block skipping is really exercised
+    (both backward paths; Nq < Nk and Nq > Nk shift the causal diagonal off the tile grid)."""
     monkeypatch.setattr(tbwd, "INTERPRET_CONFIG", tbwd.Config(16, 16, 4, 1))
     check_bwd(Case(nq=45, nk=70, p=20, causal=True, window=9, padding="right"), torch.float32)
+    for det in ("0", "1"):
+        monkeypatch.setenv("PTKERNELS_DETERMINISTIC", det)
+        check_bwd(Case(nq=45, nk=71, p=3, causal=True, hq=2, hkv=1), torch.float32)
+        check_bwd(Case(nq=77, nk=41, p=3, causal=True), torch.float32)
     check_bwd(Case(nq=45, nk=30, p=20, window=7, form="bank", b=3, t=2), torch.float32)
 
 
@@ -494,7 +499,25 @@ def test_gpu_deterministic_50_runs(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_timing_full_vs_prompt_only():
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_fused_and_separate_paths_agree(d, monkeypatch, launches):
+    """On the GPU (real atomics, the sm_80 / sm_90 tables): the fused 5-product backward and the
+    deterministic 7-product one give the same dK, dV, dprefix (bitwise) and dQ up to float32
+    summation order, for a long causal GQA call."""
+    case = Case(b=2, hq=8, hkv=2, nq=777, nk=1021, p=64, d=d, causal=True, form="bank", t=3,
+                padding="left")
+    args, out, lse, grad_out = _direct_inputs(case, torch.bfloat16)
+    fused = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
+    assert "dkdv_dq" in launches
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
+    separate = run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5)
+    torch.testing.assert_close(fused[0], separate[0], rtol=1.6e-2, atol=1.6e-2)
+    assert all(torch.equal(a, b) for a, b in zip(fused[1:], separate[1:]))
+
+
+@pytest.mark.gpu
+def test_gpu_timing_full_vs_prompt_only(monkeypatch):
+    """Prints the fused (default), the deterministic 7-product and the prompt-only backward."""
     import triton.testing
 
     case = Case(b=4, hq=16, hkv=16, nq=2048, nk=2048, p=64, d=128, causal=True)
@@ -504,9 +527,13 @@ def test_gpu_timing_full_vs_prompt_only():
     prompt_ms = triton.testing.do_bench(
         lambda: run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse,
                         [False] * 3 + [True] * 2))
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
+    separate_ms = triton.testing.do_bench(
+        lambda: run_bwd(tbwd.prefix_attention_bwd, args, grad_out, None, out, lse, [True] * 5))
     # FA convention: backward = 2.5x the forward's 4 * B * H * D * (visible pairs) FLOPs.
     pairs = case.nq * case.p + case.nq * (case.nq + 1) / 2
     flops = 2.5 * 4 * case.b * case.hq * case.d * pairs
     print(f"\ntriton bwd bf16 {case.id()}: full {full_ms:.3f} ms ({flops / full_ms / 1e9:.1f} "
+          f"TFLOP/s), deterministic {separate_ms:.3f} ms ({flops / separate_ms / 1e9:.1f} "
           f"TFLOP/s), prompt-only {prompt_ms:.3f} ms ({full_ms / prompt_ms:.1f}x faster)")
     assert prompt_ms < full_ms

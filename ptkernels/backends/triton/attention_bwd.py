@@ -373,14 +373,23 @@ _LIGHT = {
              256: [_C(16, 32, 4, 1)]},
     # The fused backward (light calls only, ``uses_fused_dq``): dK/dV programs that also hold a
     # (BLOCK_M, D) float32 dQ tile per step, and the prefix-keys dQ kernel that adds their sum.
-    "dkdv_dq": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
+    # Per step a program loads Q and dO (4 * BLOCK_M * D bytes) and adds BLOCK_M * D float32
+    # atomics for 10 * BLOCK_M * BLOCK_N * D FLOPs: traffic per FLOP falls with BLOCK_N only, so
+    # the widest key block that compiles spill-free comes first (d64: 32x128 w8 s2, 228
+    # registers; 64x64 w8 s3 spills 84 B; d128: 32x128 spills 208 B on sm_80, 32x64 does not).
+    "dkdv_dq": {64: [_C(32, 128, 8, 2), _C(32, 64, 8, 3), _C(16, 64, 4, 1)],
+                128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
                 256: [_C(16, 32, 8, 1), _C(16, 16, 4, 1), _C(16, 16, 8, 1)]},
     "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)],
                   128: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 256: [_C(32, 32, 4, 1)]},
 }
 _LIGHT_90 = dict(_LIGHT, dkdv={**_LIGHT["dkdv"], 64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)],
                                128: [_C(32, 128, 8, 3), _C(16, 64, 8, 1)]},
-                 dkdv_dq={**_LIGHT["dkdv_dq"], 256: [_C(16, 32, 8, 1), _C(16, 16, 8, 1)]})
+                 # sm_90: 32x128 w8, 3 stages at d64 (210 registers), 2 at d128 (248; 3 stages
+                 # spill 8 B at D = 80 with odd lengths)
+                 dkdv_dq={64: [_C(32, 128, 8, 3), _C(32, 64, 8, 3), _C(16, 64, 4, 1)],
+                          128: [_C(32, 128, 8, 2), _C(32, 64, 8, 3), _C(16, 64, 8, 1)],
+                          256: [_C(16, 32, 8, 1), _C(16, 16, 8, 1)]})
 # Prefix gradients (attention_bwd_prefix.py): Config(query rows per step, BLOCK_P = prefix rows
 # held, warps, stages); ``candidates(..., block_p=)`` keeps those of one BLOCK_P, and the call's
 # BLOCK_P is the smallest of the list that holds the whole prefix, else the largest (the prefix
