@@ -85,7 +85,7 @@ def _render_one_demo(demo: str) -> str:
              f"{m['torch']} with {m['torch_threads']} thread(s); 1-min load average "
              f"{m['load_average_1min']} recorded by the run"
              + (" (other jobs shared the machine, so step times are inflated for all engines alike)"
-                if m["load_average_1min"] > m["cpu_count"] else "")
+                if m["load_average_1min"] > m["cpu_count"] + 0.5 else "")  # its own threads: cpu_count
              + "; engines interleaved step by step. "
              f"Majority class: {100 * report['majority_accuracy']:.1f}% test accuracy. "
              f"{setup['head_note'][0].upper()}{setup['head_note'][1:]}.", "",
