@@ -164,6 +164,40 @@ def test_decode_launches_one_program_per_kv_head(monkeypatch):
     assert grid == (n_split * case.b * case.hkv, -(-g * case.nq // block_m))
 
 
+def test_decode_row_block():
+    """Decode runs the smallest row block that holds the G * Nq packed rows (each K/V tile is
+    then read once per KV head), else the largest; every table offers 16 rows (single-token GQA
+    up to G = 16) and a larger block (not float32 at D = 256, where 32 rows spill)."""
+    from ptkernels.backends.triton import configs
+
+    C = configs.Config
+    cands = [C(16, 64, 4, 3), C(16, 128, 4, 3), C(64, 64, 4, 3)]
+    assert configs.decode_candidates(cands, 8) == cands[:2]
+    assert configs.decode_candidates(cands, 16) == cands[:2]
+    assert configs.decode_candidates(cands, 17) == cands[2:]
+    assert configs.decode_candidates(cands, 200) == cands[2:]
+    for arch in configs.ARCHS:
+        for dtype in configs.DTYPES:
+            for bd in configs.HEAD_DIM_BUCKETS:
+                for heavy in (False, True):
+                    blocks = {c.block_m for c in configs.candidates("decode", arch, dtype, bd,
+                                                                    heavy)}
+                    wide = not (dtype == torch.float32 and bd == 256)
+                    assert min(blocks) == 16 and (max(blocks) > 16) == wide, (arch, dtype, bd)
+
+
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_decode_wide_row_blocks(block_m, monkeypatch):
+    """The 32- and 64-row blocks the GPU picks for G * Nq > 16 (here 24 and 18 packed rows: one
+    block holds every head of the group, with a tail) against the float64 reference."""
+    from ptkernels.backends.triton import configs
+
+    monkeypatch.setitem(configs.INTERPRET, "decode", configs.Config(block_m, 32, 4, 1))
+    for case in PACKED_CASES[1:3]:
+        check_forward_against_reference(case, torch.float32, forward_decode, seed=12,
+                                        dropout_mask_fn=dropout_keep_mask)
+
+
 def test_dispatch_rule():
     assert attention_fwd.use_decode(1, 64, 4096)
     assert attention_fwd.use_decode(16, 0, attention_fwd.DECODE_MIN_KEYS)

@@ -260,16 +260,19 @@ def is_heavy(flags: dict) -> bool:
 _CHOSEN: dict = {}
 
 
-def launch_with_config(kernel: str, launch: Launch, run) -> None:
+def launch_with_config(kernel: str, launch: Launch, run, packed_rows: int | None = None) -> None:
     """Launch ``run(cfg)`` with this call's configuration: fixed under the interpreter, else the
     first candidate of the table for (arch, dtype, head dim, features) that the GPU can hold
-    (``launch_first_fitting``: deterministic, no timing, no host synchronization)."""
+    (``launch_first_fitting``: deterministic, no timing, no host synchronization). Decode passes
+    its ``packed_rows`` (G * Nq), which pick the row block (``configs.decode_candidates``)."""
     if INTERPRET or launch.device.type != "cuda":
         return run(configs.INTERPRET[kernel])
     major, minor = torch.cuda.get_device_capability(launch.device)
     arch = major * 10 + minor
     cands = configs.candidates(kernel, arch, launch.dtype, launch.block_d, is_heavy(launch.flags))
-    key = (kernel, arch, launch.dtype, launch.d,
+    if packed_rows is not None:
+        cands = configs.decode_candidates(cands, packed_rows)
+    key = (kernel, arch, launch.dtype, launch.d, cands[0].block_m,
            tuple(sorted(k for k, v in launch.flags.items() if v is True)))
     return launch_first_fitting(_CHOSEN, key, cands, run)
 

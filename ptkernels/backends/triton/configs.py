@@ -69,18 +69,26 @@ _FWD = {
         "fp32": _FP32,
     },
 }
-# Decode: BLOCK_M covers the few query rows; the work is spread over splits of the keys instead.
-# Its tiles are small enough that one table serves calls with and without the heavy features.
+# Decode: BLOCK_M covers the packed query rows (G * Nq: the G query heads of a KV head times the
+# few query rows, decode.py); the work is spread over splits of the keys instead. Each K/V tile
+# is read once per block of BLOCK_M packed rows, so a call with more than 16 of them (GQA-8 with
+# Nq = 4: 32 rows) runs the smallest BLOCK_M that holds them all (``decode_candidates``): 16 for
+# single-token GQA up to G = 16, else 64 rows (32 at D = 256 and in fp32, whose per-row state
+# spills at 64). The larger blocks need 8 warps: with 4, 64x64 spills on sm_80 (16-972 B). Tiles
+# are small enough that one table serves calls with and without the heavy features; float32 at
+# D = 256 has only 16-row blocks (32x16 spills 3.7-12 KB).
 _DECODE_ANY = {
-    "16bit": {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3)],
-              128: [_C(16, 64, 4, 3), _C(16, 128, 4, 2)],
-              256: [_C(16, 32, 4, 2)]},
-    "fp32": {64: [_C(16, 64, 4, 2)], 128: [_C(16, 32, 8, 2)], 256: [_C(16, 16, 8, 2)]},
+    "16bit": {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3), _C(64, 64, 8, 2)],
+              128: [_C(16, 64, 4, 3), _C(16, 128, 4, 2), _C(64, 32, 8, 2)],
+              256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]},
+    "fp32": {64: [_C(16, 64, 4, 2), _C(32, 32, 8, 2)], 128: [_C(16, 32, 8, 2), _C(32, 16, 8, 2)],
+             256: [_C(16, 16, 8, 2)]},
 }
 # sm_86: the decode kernel's two pipelined loops (prefix and sequence chunks) double its buffers;
 # 99 KB allows 16x64 s3 at D = 64 and s2 at D = 128.
-_DECODE_86 = {**_DECODE_ANY, "16bit": {64: [_C(16, 64, 4, 3)], 128: [_C(16, 64, 4, 2)],
-                                       256: [_C(16, 32, 4, 2)]}}
+_DECODE_86 = {**_DECODE_ANY, "16bit": {64: [_C(16, 64, 4, 3), _C(64, 64, 8, 2)],
+                                       128: [_C(16, 64, 4, 2), _C(64, 32, 8, 2)],
+                                       256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]}}
 _DECODE = {arch: dict(table, **{"16bit_heavy": table["16bit"]})
            for arch, table in ((80, _DECODE_ANY), (86, _DECODE_86), (90, _DECODE_ANY))}
 TABLES = {"fwd": _FWD, "decode": _DECODE}
@@ -120,6 +128,15 @@ def _bucket(block_d: int) -> int:
         if block_d <= ub:
             return ub
     raise ValueError(f"head dim block {block_d} > 256 is not supported")
+
+
+def decode_candidates(cands: list[Config], packed_rows: int) -> list[Config]:
+    """The decode candidates of the row block for ``packed_rows`` (G * Nq) packed query rows:
+    those with the smallest BLOCK_M that holds them all, else with the largest BLOCK_M (order
+    kept: the first that fits runs)."""
+    blocks = sorted({c.block_m for c in cands})
+    block = next((m for m in blocks if m >= packed_rows), blocks[-1])
+    return [c for c in cands if c.block_m == block]
 
 
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,

@@ -14,7 +14,8 @@ Hkv query heads that share a KV head are packed into one program's rows: packed 
 r in [0, G * Nq) is query head h = kvh * G + r // Nq, query row m = r % Nq. Each K/V tile is then
 loaded once per KV head (per block of BLOCK_M packed rows) instead of once per query head; every
 row keeps its own causal / window offset, bias row, dropout stream and workspace slot. MHA (G = 1)
-is the degenerate case r = m.
+is the degenerate case r = m. BLOCK_M is the smallest row block of the table that holds all G * Nq
+packed rows (``configs.decode_candidates``: 16, else 64 or 32), so K/V are read once per KV head.
 
 Semantics are those of ``attention_fwd`` (same score pipeline, same dropout mask since the mask is
 a function of (b, h, m, column) only), so the normal backward applies to a decode-path forward.
@@ -279,7 +280,7 @@ def forward_decode(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
                                               BLOCK_S=triton.next_power_of_2(n_split),
                                               BLOCK_D=L.block_d, FP32_DOTS=INTERPRET)
 
-    launch_with_config("decode", L, run)
+    launch_with_config("decode", L, run, packed_rows=(L.hq // L.hkv) * L.nq)
     return out, lse
 
 
