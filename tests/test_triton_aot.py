@@ -20,6 +20,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests import triton_aot
 from ptkernels.backends.triton import configs
@@ -50,18 +51,47 @@ def test_specs_cover_every_candidate(kernel_kind, arch):
     from ptkernels.backends.triton import attention_fwd, decode
 
     spec = (attention_fwd if kernel_kind == "fwd" else decode).AOT_SPECS[0]
-    compiled = {(v["dtype"], v["block_d"], v["config"], v["heavy"]) for v in spec["variants"](arch)}
+    compiled: dict = {}
     for v in spec["variants"](arch):
+        key = (v["dtype"], v["block_d"], v["config"])
+        compiled.setdefault(key, []).append(set(configs.FEATURES[v["features"]]))
         if "shape" not in v:
             assert v["constexprs"]["D"] == v["block_d"], "the head dim must be specialized as at runtime"
+            for flag in ("HAS_BIAS", "HAS_SOFTCAP", "HAS_DROPOUT"):
+                assert v["constexprs"][flag] == (flag in configs.FEATURES[v["features"]]), (v, flag)
     for dtype in configs.DTYPES:
         for bd in configs.HEAD_DIM_BUCKETS:
-            for heavy in (False, True):
-                for cfg in configs.candidates(kernel_kind, arch, dtype, bd, heavy):
+            for cls in configs.FEATURE_CLASSES:
+                for cfg in configs.candidates(kernel_kind, arch, dtype, bd, cls):
                     key = (configs.aot_dtype(dtype), bd, str(cfg))
-                    # a light config may be covered by the same config compiled with every feature
-                    assert key + (heavy,) in compiled or key + (True,) in compiled, \
-                        f"{kernel_kind} sm_{arch}: {key} (heavy={heavy}) is never compiled"
+                    feats = set(configs.FEATURES[cls])
+                    if cls == "light" and dtype != torch.float32:
+                        # the common call: compiled exactly as it runs, never covered by a heavier compile
+                        assert feats in compiled.get(key, ()), \
+                            f"{kernel_kind} sm_{arch}: {key} is never compiled light"
+                    else:
+                        # covered by the same config compiled with more features
+                        assert any(feats <= f for f in compiled.get(key, ())), \
+                            f"{kernel_kind} sm_{arch}: {key} ({cls}) is never compiled with its features"
+
+
+def test_feature_class():
+    """A call's table: light without bias / softcap / dropout, the one it has, heavy for two or
+    more; an unknown class is refused."""
+    fc = configs.feature_class
+    assert fc(False, False, False) == "light"
+    assert (fc(True, False, False), fc(False, True, False), fc(False, False, True)) == \
+        ("bias", "softcap", "dropout")
+    assert {fc(True, True, False), fc(True, False, True), fc(False, True, True),
+            fc(True, True, True)} == {"heavy"}
+    with pytest.raises(ValueError, match="features"):
+        configs.candidates("fwd", 90, torch.bfloat16, 64, "everything")
+    # each one-feature table holds the config its heavy table starts with (always holdable)
+    for arch in configs.ARCHS:
+        for bd in configs.HEAD_DIM_BUCKETS:
+            heavy = configs.candidates("fwd", arch, torch.bfloat16, bd, "heavy")
+            for cls in ("bias", "softcap", "dropout"):
+                assert heavy[0] in configs.candidates("fwd", arch, torch.bfloat16, bd, cls)
 
 
 @pytest.mark.parametrize("arch", (80, 90))

@@ -179,9 +179,9 @@ def test_decode_row_block():
     for arch in configs.ARCHS:
         for dtype in configs.DTYPES:
             for bd in configs.HEAD_DIM_BUCKETS:
-                for heavy in (False, True):
+                for cls in configs.FEATURE_CLASSES:
                     blocks = {c.block_m for c in configs.candidates("decode", arch, dtype, bd,
-                                                                    heavy)}
+                                                                    cls)}
                     wide = not (dtype == torch.float32 and bd == 256)
                     assert min(blocks) == 16 and (max(blocks) > 16) == wide, (arch, dtype, bd)
 

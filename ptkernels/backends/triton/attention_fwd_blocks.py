@@ -252,9 +252,9 @@ class Launch:
         self.dtype, self.device = q.dtype, q.device
 
 
-def is_heavy(flags: dict) -> bool:
-    """Calls with a bias, soft-capping or dropout use the "heavy" tiles (configs.py)."""
-    return bool(flags["HAS_BIAS"] or flags["HAS_SOFTCAP"] or flags["HAS_DROPOUT"])
+def feature_class(flags: dict) -> str:
+    """The configs.py table class of a call's flags (light, bias, softcap, dropout or heavy)."""
+    return configs.feature_class(flags["HAS_BIAS"], flags["HAS_SOFTCAP"], flags["HAS_DROPOUT"])
 
 
 _CHOSEN: dict = {}
@@ -269,7 +269,8 @@ def launch_with_config(kernel: str, launch: Launch, run, packed_rows: int | None
         return run(configs.INTERPRET[kernel])
     major, minor = torch.cuda.get_device_capability(launch.device)
     arch = major * 10 + minor
-    cands = configs.candidates(kernel, arch, launch.dtype, launch.block_d, is_heavy(launch.flags))
+    cands = configs.candidates(kernel, arch, launch.dtype, launch.block_d,
+                               feature_class(launch.flags))
     if packed_rows is not None:
         cands = configs.decode_candidates(cands, packed_rows)
     key = (kernel, arch, launch.dtype, launch.d, cands[0].block_m,
@@ -298,34 +299,41 @@ DIV16_INTS = ("Nq", "Nk", "n_cols", "chunk")
 
 def aot_variants(kernel, kernel_kind: str, arch: int, extra_ptrs=None) -> list[dict]:
     """AOT compile variants (format: tests/triton_aot.py) of a forward kernel: every candidate of
-    configs.py for sm_<arch>, compiled with the heaviest feature set its table serves."""
-    out, seen = [], set()
+    configs.py for sm_<arch>, each compiled with its table's feature set (``features`` in the
+    variant: the configs.py class). A config that a one-feature class shares with the heavy
+    class is compiled once, with all features: more registers, same tiles and stages. The light
+    class's configs are always compiled light: they serve the common call, and the report shows
+    their own registers and occupancy. fp32 has one table for every class: compiled with all
+    features."""
+    out, seen = [], {}
+    heaviest_first = sorted(configs.FEATURE_CLASSES, key=lambda c: -len(configs.FEATURES[c]))
     for dtype in configs.DTYPES:
         dt = configs.aot_dtype(dtype)
         ptrs = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "pk_ptr": f"*{dt}",
                 "pv_ptr": f"*{dt}", "pidx_ptr": "*i64", "kpm_ptr": "*u8", "bias_ptr": "*fp32",
                 "out_ptr": f"*{dt}", "lse_ptr": "*fp32", **(extra_ptrs or {})}
         for bd in configs.HEAD_DIM_BUCKETS:
-            for heavy in (True, False):
-                for cfg in configs.candidates(kernel_kind, arch, dtype, bd, heavy):
-                    # a light call's config that the heavy table also holds is covered by the
-                    # heavier compile (more registers, same tiles and stages)
-                    if (dt, bd, cfg) in seen:
+            for cls in heaviest_first:
+                feats = set(configs.FEATURES[cls])
+                for cfg in configs.candidates(kernel_kind, arch, dtype, bd, cls):
+                    done = seen.get((dt, bd, cfg), ())
+                    if feats in done or ((cls != "light" or dt == "fp32") and any(feats <= f for f in done)):
                         continue
-                    seen.add((dt, bd, cfg))
-                    feats = ALL_FEATURES if heavy else LIGHT_FEATURES
-                    cx = dict(feats, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, D=bd,
+                    seen.setdefault((dt, bd, cfg), []).append(feats)
+                    cx = dict(LIGHT_FEATURES, **{f: True for f in feats}, BLOCK_M=cfg.block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_D=bd, D=bd,
                               **{s: 1 for s in UNIT_STRIDES})
                     cx = {k: v for k, v in cx.items() if k in kernel.arg_names}
                     sig = aot_signature(kernel, ptrs, FLOAT_ARGS, cx)
                     div16 = [a for a in sig if a in ptrs or a in DIV16_INTS
                              or (a.startswith("s_") and sig[a] == "i32")]
-                    out.append({"label": f"{dt} d{bd} {'all-features' if heavy else 'light'}",
-                                "config": str(cfg), "heavy": heavy, "dtype": dt, "block_d": bd,
+                    label = {"heavy": "all-features"}.get(cls, cls)
+                    out.append({"label": f"{dt} d{bd} {label}", "config": str(cfg),
+                                "features": cls, "dtype": dt, "block_d": bd,
                                 "signature": sig, "constexprs": cx, "div16": div16,
                                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                 "tensor_cores": True, "async_loads": cfg.num_stages > 1})
-                    first = cfg == configs.candidates(kernel_kind, arch, dtype, bd, heavy)[0]
+                    first = cfg == configs.candidates(kernel_kind, arch, dtype, bd, cls)[0]
                     if (dt, bd) == ("bf16", 128) and first and configs.table_arch(arch) != 86:
                         out += aot_shape_variants(out[-1])
     return out

@@ -1,9 +1,10 @@
 """Launch configurations of the Triton attention kernels, per GPU architecture.
 
 A configuration is ``Config(block_m, block_n, num_warps, num_stages)``. ``candidates(kernel, arch,
-dtype, d)`` lists, best guess first, what a kernel ("fwd" = the main forward, "decode" = the
-split-K decode forward) may run with on sm_<arch> (``table_arch``: 80 = A100, 86 = A10 / L4 /
-L40S / RTX 30-40 with 99 KB of shared memory per block, 90 = H100) for a dtype and head dim. The
+dtype, d, features)`` lists, best guess first, what a kernel ("fwd" = the main forward, "decode" =
+the split-K decode forward) may run with on sm_<arch> (``table_arch``: 80 = A100, 86 = A10 / L4 /
+L40S / RTX 30-40 with 99 KB of shared memory per block, 90 = H100) for a dtype, head dim and
+feature class (``feature_class``: light, one of bias / softcap / dropout, or heavy). The
 first candidate the GPU can hold runs (no timing: deterministic); later ones are fallbacks. The
 AOT test compiles every one of them for its arch as the JIT specializes a contiguous call (head
 dim constexpr) and requires zero register spills, shared memory within the arch limit and
@@ -31,11 +32,14 @@ class Config(NamedTuple):
 
 INTERPRET = {"fwd": Config(32, 32, 4, 1), "decode": Config(16, 32, 4, 1)}
 
-# Head-dim buckets (upper bounds of BLOCK_D) -> candidates, best guess first. "16bit" serves calls
-# without bias / soft-capping / dropout; "16bit_heavy" the calls with any of them (the bias tile,
-# the tanh and the Philox state cost registers, so the tiles shrink); fp32 tiles serve both (the
-# tf32x3 products split every operand in two). Every entry below compiles without spills for
-# sm_80 and sm_90 with the heaviest feature set of its table (tests/test_triton_aot.py).
+# Head-dim buckets (upper bounds of BLOCK_D) -> candidates, best guess first, per feature class
+# (``feature_class``): "16bit" serves calls without bias / soft-capping / dropout; "16bit_softcap",
+# "16bit_bias" and "16bit_dropout" the calls with exactly one of them; "16bit_heavy" the calls
+# with two or more (the bias tile, the tanh and the Philox state each cost registers, together
+# they shrink the tiles); fp32 tiles serve every class (the tf32x3 products split every operand
+# in two). Every entry compiles without spills for its arch with its class's feature set
+# (tests/test_triton_aot.py). A one-feature table holds its heavy table's first entry, a
+# fallback the GPU can always hold.
 _C = Config
 _FP32 = {64: [_C(32, 16, 4, 2)], 128: [_C(32, 16, 8, 2), _C(16, 16, 4, 2)], 256: [_C(16, 16, 8, 2)]}
 _FWD = {
@@ -43,6 +47,16 @@ _FWD = {
         "16bit": {64: [_C(128, 64, 8, 3), _C(128, 128, 8, 2)],
                   128: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
                   256: [_C(64, 32, 8, 3), _C(32, 32, 4, 3)]},
+        # 160-224 registers, 64-192 KB (the pipelined fp32 bias tile: 32 KB a stage at 128x64)
+        "16bit_softcap": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                          128: [_C(128, 64, 8, 3), _C(64, 32, 4, 2)],
+                          256: [_C(64, 32, 8, 3), _C(32, 32, 4, 2)]},
+        "16bit_bias": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                       128: [_C(128, 64, 8, 3), _C(64, 32, 4, 2)],
+                       256: [_C(64, 32, 8, 3), _C(32, 32, 4, 2)]},
+        "16bit_dropout": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                          128: [_C(128, 64, 8, 3), _C(64, 32, 4, 2)],
+                          256: [_C(64, 32, 8, 3), _C(32, 32, 4, 2)]},
         "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
                         128: [_C(64, 32, 4, 2), _C(32, 32, 4, 2)],
                         256: [_C(32, 32, 4, 2)]},
@@ -54,6 +68,16 @@ _FWD = {
         "16bit": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
                   128: [_C(128, 32, 8, 3), _C(64, 32, 4, 3)],
                   256: [_C(64, 32, 8, 2), _C(32, 32, 4, 3)]},
+        "16bit_softcap": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                          128: [_C(128, 32, 8, 3), _C(64, 64, 8, 2)],
+                          256: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)]},
+        # the bias tile's stages: 128x64 s3 needs 128 KB at D = 64, 128x32 s3 105 KB at 128
+        "16bit_bias": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
+                       128: [_C(128, 32, 8, 2), _C(64, 64, 8, 2)],
+                       256: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)]},
+        "16bit_dropout": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                          128: [_C(128, 32, 8, 3), _C(64, 64, 8, 2)],
+                          256: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)]},
         "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
                         128: [_C(64, 64, 8, 2), _C(32, 32, 4, 2)],
                         256: [_C(32, 32, 4, 2)]},
@@ -63,6 +87,16 @@ _FWD = {
         "16bit": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
                   128: [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 32, 4, 3)],
                   256: [_C(64, 32, 8, 3), _C(32, 32, 4, 3)]},
+        "16bit_softcap": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                          128: [_C(128, 32, 8, 3), _C(64, 64, 8, 2)],
+                          256: [_C(64, 32, 8, 3), _C(32, 32, 4, 2)]},
+        "16bit_bias": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                       128: [_C(128, 32, 8, 3), _C(64, 64, 8, 2)],
+                       256: [_C(64, 32, 8, 3), _C(32, 32, 4, 2)]},
+        # 128x64 w8 s2 at D = 128 spills 20 B with dropout (56 B on sm_86)
+        "16bit_dropout": {64: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+                          128: [_C(128, 32, 8, 3), _C(64, 64, 8, 2)],
+                          256: [_C(64, 32, 8, 3), _C(32, 32, 4, 2)]},
         "16bit_heavy": {64: [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
                         128: [_C(64, 64, 8, 2), _C(32, 32, 4, 2)],
                         256: [_C(32, 32, 4, 2)]},
@@ -76,10 +110,11 @@ _FWD = {
 # single-token GQA up to G = 16, else 64 rows (32 at D = 256 and in fp32, whose per-row state
 # spills at 64). The larger blocks need 8 warps: with 4, 64x64 spills on sm_80 (16-972 B). Tiles
 # are small enough that one table serves calls with and without the heavy features; float32 at
-# D = 256 has only 16-row blocks (32x16 spills 3.7-12 KB).
+# D = 256 has only 16-row blocks (32x16 spills 3.7-12 KB). 16x128 w4 s2 at D = 128 compiles
+# clean with every feature (200 registers) but spills 4-12 B without them (128 registers).
 _DECODE_ANY = {
     "16bit": {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3), _C(64, 64, 8, 2)],
-              128: [_C(16, 64, 4, 3), _C(16, 128, 4, 2), _C(64, 32, 8, 2)],
+              128: [_C(16, 64, 4, 3), _C(16, 64, 4, 2), _C(64, 32, 8, 2)],
               256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]},
     "fp32": {64: [_C(16, 64, 4, 2), _C(32, 32, 8, 2)], 128: [_C(16, 32, 8, 2), _C(32, 16, 8, 2)],
              256: [_C(16, 16, 8, 2)]},
@@ -89,7 +124,8 @@ _DECODE_ANY = {
 _DECODE_86 = {**_DECODE_ANY, "16bit": {64: [_C(16, 64, 4, 3), _C(64, 64, 8, 2)],
                                        128: [_C(16, 64, 4, 2), _C(64, 32, 8, 2)],
                                        256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]}}
-_DECODE = {arch: dict(table, **{"16bit_heavy": table["16bit"]})
+_DECODE = {arch: dict(table, **{f"16bit_{c}": table["16bit"] for c in ("softcap", "bias",
+                                                                      "dropout", "heavy")})
            for arch, table in ((80, _DECODE_ANY), (86, _DECODE_86), (90, _DECODE_ANY))}
 TABLES = {"fwd": _FWD, "decode": _DECODE}
 ARCHS = (80, 86, 90)
@@ -111,10 +147,27 @@ def table_arch(arch: int) -> int:
 _arch_key = table_arch
 
 
-def _dtype_key(dtype: torch.dtype, heavy: bool) -> str:
+# A call's feature class (``feature_class``), lightest first. The AOT check compiles each class's
+# table with its features (FEATURES); a class whose features hold another's covers it.
+FEATURE_CLASSES = ("light", "softcap", "bias", "dropout", "heavy")
+FEATURES = {"light": (), "softcap": ("HAS_SOFTCAP",), "bias": ("HAS_BIAS",),
+            "dropout": ("HAS_DROPOUT",), "heavy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_DROPOUT")}
+
+
+def feature_class(has_bias: bool, has_softcap: bool, has_dropout: bool) -> str:
+    """The table class of a call: "light" (none of the three), the one feature it has, or
+    "heavy" (two or more)."""
+    on = [name for name, flag in (("bias", has_bias), ("softcap", has_softcap),
+                                  ("dropout", has_dropout)) if flag]
+    return "light" if not on else (on[0] if len(on) == 1 else "heavy")
+
+
+def _dtype_key(dtype: torch.dtype, features: str) -> str:
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURE_CLASSES}, got {features!r}")
     if dtype == torch.float32:
         return "fp32"
-    return "16bit_heavy" if heavy else "16bit"
+    return "16bit" if features == "light" else f"16bit_{features}"
 
 
 def aot_dtype(dtype: torch.dtype) -> str:
@@ -140,7 +193,7 @@ def decode_candidates(cands: list[Config], packed_rows: int) -> list[Config]:
 
 
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,
-               heavy: bool = False) -> list[Config]:
-    """Every configuration the autotuner may pick for ``kernel`` on sm_<arch>; ``heavy`` = the
-    call has an attention bias, soft-capping or dropout."""
-    return list(TABLES[kernel][_arch_key(arch)][_dtype_key(dtype, heavy)][_bucket(block_d)])
+               features: str = "light") -> list[Config]:
+    """Every configuration the config picker may run ``kernel`` with on sm_<arch>, best guess
+    first; ``features`` = the call's ``feature_class``."""
+    return list(TABLES[kernel][_arch_key(arch)][_dtype_key(dtype, features)][_bucket(block_d)])
