@@ -138,7 +138,7 @@ def check_against_reference(case: Case, dtype, backend="eager", device="cpu", se
                             use_lse_grad=False, dropout_mask_fn=None, grad_for=None):
     """Run ``backend`` and the references on fresh inputs; assert the DESIGN.md error rule.
 
-    ``dropout_mask_fn(seed_tensor, shape, p)`` recovers the backend's dropout keep-mask so the
+    ``dropout_mask_fn(seed_tensor, shape, p, prefix_len=P)`` recovers the backend's dropout keep-mask so the
     reference applies the very same mask. Returns the measured errors (for reporting).
     """
     base = make_inputs(case, seed=seed, **({"grad_for": grad_for} if grad_for else {}))
@@ -153,7 +153,8 @@ def check_against_reference(case: Case, dtype, backend="eager", device="cpu", se
         from ptkernels.ops.prefix_attention import draw_dropout_seed
         seed_t = draw_dropout_seed()
         ptot = (case.p if case.form != "none" else 0) + case.nk
-        dropout_mask = dropout_mask_fn(seed_t, (case.b, case.hq, case.nq, ptot), case.dropout_p).cpu()
+        dropout_mask = dropout_mask_fn(seed_t, (case.b, case.hq, case.nq, ptot), case.dropout_p,
+                                       prefix_len=ptot - case.nk).cpu()
         torch.manual_seed(1234)
     out, lse = ptkernels.prefix_attention(**kern_in, **opts, return_lse=True, backend=backend)
     assert out.dtype == dtype and out.shape == (case.b, case.hq, case.nq, case.d)
@@ -261,7 +262,7 @@ def check_forward_against_reference(case: Case, dtype, fwd_fn, device="cpu", see
         dropout_seed = draw_dropout_seed()
         ptot = (case.p if case.form != "none" else 0) + case.nk
         dropout_mask = dropout_mask_fn(dropout_seed, (case.b, case.hq, case.nq, ptot),
-                                       case.dropout_p).cpu()
+                                       case.dropout_p, prefix_len=ptot - case.nk).cpu()
     out, lse = fwd_fn(*normalized_args(kern_in, case, dropout_seed))
     assert out.dtype == dtype and out.shape == (case.b, case.hq, case.nq, case.d)
     assert lse.dtype == torch.float32 and lse.shape == (case.b, case.hq, case.nq)

@@ -40,7 +40,7 @@ def test_lse_gradient(case):
                                   Case(dropout_p=0.1, softcap=4.0, nq=9, nk=17, causal=True)], ids=Case.id)
 def test_dropout_same_mask(case):
     """With the eager backend's own mask, dropout output and gradients equal the reference's."""
-    check_against_reference(case, torch.float32, dropout_mask_fn=lambda s, shape, p: dropout_keep_mask(s, shape, p, "cpu"))
+    check_against_reference(case, torch.float32, dropout_mask_fn=lambda s, shape, p, prefix_len: dropout_keep_mask(s, shape, p, "cpu"))
 
 
 def test_non_contiguous_inputs():
@@ -72,7 +72,7 @@ def test_math_query_chunks_match_reference(case, monkeypatch):
     monkeypatch.setattr(eager, "USE_CPU_FLASH", False)
     monkeypatch.setattr(eager, "_CHUNK_ROWS", 4)
     monkeypatch.setattr(eager, "_MAX_CHUNKS", 4)
-    check_against_reference(case, torch.float32, dropout_mask_fn=lambda s, shape, p: dropout_keep_mask(s, shape, p, "cpu"))
+    check_against_reference(case, torch.float32, dropout_mask_fn=lambda s, shape, p, prefix_len: dropout_keep_mask(s, shape, p, "cpu"))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])

@@ -218,13 +218,50 @@ def test_dropout_with_recovered_mask(case, path):
 def test_dropout_mask_statistics_and_determinism():
     seed = torch.tensor([2 ** 62 + 12345])
     shape = (2, 3, 40, 90)
-    m1 = dropout_keep_mask(seed, shape, 0.25, DEVICE)
-    m2 = dropout_keep_mask(seed, shape, 0.25, DEVICE)
+    m1 = dropout_keep_mask(seed, shape, 0.25, DEVICE, prefix_len=13)
+    m2 = dropout_keep_mask(seed, shape, 0.25, DEVICE, prefix_len=13)
     assert m1.dtype == torch.bool and m1.shape == shape
     assert torch.equal(m1, m2)
     assert abs(m1.float().mean().item() - 0.75) < 0.01
     assert not torch.equal(m1[0, 0], m1[0, 1])  # heads draw different masks
-    assert not torch.equal(m1, dropout_keep_mask(seed + 1, shape, 0.25, DEVICE))
+    assert not torch.equal(m1, dropout_keep_mask(seed + 1, shape, 0.25, DEVICE, prefix_len=13))
+    # the four outputs of one Philox call are independent draws: neighbours agree as often as
+    # independent keep bits do (0.75^2 + 0.25^2), within and across groups of 4 keys
+    agree = (m1[..., 1:] == m1[..., :-1]).float().mean().item()
+    assert abs(agree - 0.625) < 0.01
+    with pytest.raises(ValueError, match="prefix_len"):
+        dropout_keep_mask(seed, shape, 0.25, DEVICE, prefix_len=91)
+
+
+def _philox4x32(key: int, counter):
+    """Philox4x32-10 (Salmon et al. 2011) in Python integers: the independent reference of the
+    draws the kernels use (ptkernels/backends/triton/dropout.py)."""
+    m32 = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key & m32, (key >> 32) & m32
+    for _ in range(10):
+        h0, l0 = divmod(0xD2511F53 * c0, 2 ** 32)
+        h2, l2 = divmod(0xCD9E8D57 * c2, 2 ** 32)
+        c0, c1, c2, c3 = h2 ^ c1 ^ k0, l2, h0 ^ c3 ^ k1, l0
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return c0, c1, c2, c3
+
+
+def test_dropout_mask_matches_the_documented_philox_formula():
+    """keep(b, h, i, col0 + j) = philox(seed, (j // 4, i, col0, b * Hq + h))[j % 4] >=
+    floor(p * 2^32), col0 = 0 for the P prefix keys and P for the sequence keys."""
+    seed, p, (b, hq, nq, n_cols), plen = torch.tensor([987654321]), 0.3, (2, 2, 3, 11), 5
+    got = dropout_keep_mask(seed, (b, hq, nq, n_cols), p, DEVICE, prefix_len=plen).cpu()
+    thr = int(torch.tensor(p, dtype=torch.float32).item() * 2 ** 32)
+    want = torch.zeros_like(got)
+    for bh in range(b * hq):
+        for i in range(nq):
+            for col in range(n_cols):
+                col0 = 0 if col < plen else plen
+                j = col - col0
+                r = _philox4x32(987654321, (j // 4, i, col0, bh))[j % 4]
+                want[bh // hq, bh % hq, i, col] = r >= thr
+    assert torch.equal(got, want)
 
 
 def test_rows_without_keys_are_zero():

@@ -178,7 +178,7 @@ def test_batch_times_heads_above_65535_launches(monkeypatch):
 def test_dropout_mask_grid_folds_batch_and_heads(monkeypatch):
     grids = []
     monkeypatch.setattr(dropout, "_keep_mask_kernel", _GridSpy(grids))
-    dropout.dropout_keep_mask(torch.tensor([1]), (70_000, 1, 2, 3), 0.5, "cpu")
+    dropout.dropout_keep_mask(torch.tensor([1]), (70_000, 1, 2, 3), 0.5, "cpu", prefix_len=1)
     assert all(g <= 65535 for g in grids[0][1:])
 
 

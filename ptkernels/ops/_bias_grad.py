@@ -16,16 +16,16 @@ from ptkernels import backends
 from ptkernels.backends.eager import visible_sequence_keys
 
 
-def keep_mask(backend: str, seed, shape, p: float, device):
-    """The dropout keep-mask the backend ``backend`` applied (bool ``shape``)."""
+def keep_mask(backend: str, seed, shape, p: float, device, prefix_len: int):
+    """The dropout keep-mask the backend ``backend`` applied (bool ``shape`` = (B, Hq, Nq, P + Nk),
+    ``prefix_len`` = P: the Triton draws are per segment, the eager ones per row)."""
     if backend == "cuda":   # the CUDA backend runs dropout through triton (else eager)
         ok, _ = backends.availability("triton", "prefix_attention", device)
         backend = "triton" if ok else "eager"
     if backend == "triton":
         from ptkernels.backends.triton.dropout import dropout_keep_mask
-    else:
-        dropout_keep_mask = backends.get(backend).dropout_keep_mask
-    return dropout_keep_mask(seed, shape, p, device)
+        return dropout_keep_mask(seed, shape, p, device, prefix_len=prefix_len)
+    return backends.get(backend).dropout_keep_mask(seed, shape, p, device)
 
 
 def bias_grad(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
@@ -64,7 +64,7 @@ def bias_grad(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, key
     d_out = grad_out.to(acc)
     dp = torch.matmul(d_out, vals.transpose(-1, -2))
     if dropout_p > 0:
-        keep = keep_mask(backend, dropout_seed, probs.shape, dropout_p, q.device)
+        keep = keep_mask(backend, dropout_seed, probs.shape, dropout_p, q.device, p_len)
         dp = dp * keep.to(acc) / (1.0 - dropout_p)
     delta = (d_out * out.to(acc)).sum(-1, keepdim=True)
     ds = probs * (dp - delta)

@@ -245,7 +245,7 @@ AOT_SHAPES = {
     "odd-lengths MHA": {"D": 80, "odd_lengths": True, "heads": "mha"},
     "MQA": {"D": 96, "odd_lengths": False, "heads": "mqa"},
 }
-_LENGTH_ARGS = ("Nq", "Nk", "n_cols", "row_len", "s_bb", "s_bh", "s_bm", "s_kpmb")
+_LENGTH_ARGS = ("Nq", "Nk", "n_cols", "s_bb", "s_bh", "s_bm", "s_kpmb")
 
 
 def aot_shape_variants(variant: dict) -> list[dict]:

@@ -89,7 +89,7 @@ def _bwd_preprocess_kernel(o_ptr, do_ptr, glse_ptr, delta_ptr,
 def _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
                    s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpm,
                    n0, offs_m, row_ok, b, h, Hq, Nseg, D: tl.constexpr, diag_off, window,
-                   scale, softcap, dropout_p, seed, row_len, col0,
+                   scale, softcap, dropout_p, seed, col0,
                    HAS_KPM: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -127,7 +127,7 @@ def _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, b * Hq + h, offs_m, col0 + offs_n, row_len, dropout_p)
+        keep = dropout_keep(seed, b * Hq + h, offs_m, col0, n0, dropout_p, BLOCK_N)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
@@ -180,7 +180,6 @@ def _bwd_dq_kernel(
     lse2 = lse * LOG2E
     delta = tl.load(delta_ptr + (b64 * Hq + h) * Nq + offs_m, mask=row_ok, other=0.0)
     bias_base = bias_ptr + b64 * s_bb + h * s_bh
-    row_len = P + Nk
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if PREFIX_MODE != 0:
@@ -191,7 +190,7 @@ def _bwd_dq_kernel(
             dq = _dq_block_step(dq, q, do, lse2, delta, pk_base, pv_base, bias_base, kpm_ptr,
                                 s_pkn, s_pkd, s_pvn, s_pvd, s_bm, s_bn, 0,
                                 n0, offs_m, row_ok, b, h, Hq, P, D, 0, 0,
-                                scale, softcap, dropout_p, seed, row_len, 0,
+                                scale, softcap, dropout_p, seed, 0,
                                 False, False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
                                 BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
 
@@ -212,7 +211,7 @@ def _bwd_dq_kernel(
             dq = _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base + P * s_bn,
                                 kpm_ptr + b64 * s_kpmb, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn,
                                 s_kpmn, n0, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
-                                scale, softcap, dropout_p, seed, row_len, P,
+                                scale, softcap, dropout_p, seed, P,
                                 HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
                                 BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     if DQ_ACC:  # loaded after the loop: the accumulator tile is not held through it
@@ -226,7 +225,7 @@ def _bwd_dq_kernel(
 def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
                     s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
                     m0, offs_n, col_valid, b, h, Hq, Nq, D: tl.constexpr, diag_off, window,
-                    scale, softcap, dropout_p, seed, row_len, col0,
+                    scale, softcap, dropout_p, seed, n0, col0,
                     MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, FUSE_DQ: tl.constexpr,
@@ -250,7 +249,7 @@ def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_ba
     DT: tl.constexpr = q_base.dtype.element_ty
     dk, dv, ds = _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                                  offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
-                                 scale, softcap, dropout_p, seed, row_len, col0,
+                                 scale, softcap, dropout_p, seed, n0, col0,
                                  MASK_CAUSAL, MASK_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
                                  NEED_DK, NEED_DV, DT, BLOCK_M, BLOCK_N, FP32_DOTS)
     if FUSE_DQ:
@@ -311,7 +310,6 @@ def _bwd_dkdv_kernel(
     m_hi = Nq
     if HAS_WINDOW:
         m_hi = tl.minimum(m_hi, n0 + BLOCK_N - 1 + window - diag_off)
-    row_len = P + Nk
     for g in range(0, G):
         h = hk * G + g
         q_base = q_ptr + b64 * s_qb + h * s_qh
@@ -325,7 +323,7 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
                 s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
                 m0, offs_n, col_valid, b, h, Hq, Nq, D, diag_off, window,
-                scale, softcap, dropout_p, seed, row_len, P,
+                scale, softcap, dropout_p, seed, n0, P,
                 CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
                 FUSE_DQ, BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     out_off = b64 * s_gb + hk * s_gh + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd
@@ -349,21 +347,28 @@ def _bwd_dkdv_kernel(
 # life, and 3xTF32 (float32 inputs) needs split operands. float32 with D >= 128 runs with
 # FP32_DOTS (exact fp32 FMA dots, no tensor cores: every tf32x3 dQ tile spilled on sm_90 there).
 _C = Config
+# (dK/dV at D = 64 and sm_90's dQ run 8 warps: with 4 the dropout mask's layout change,
+# dropout.py, spills 4 B)
 _FP32 = {
     "dq": {64: [_C(32, 32, 4, 2)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
-    "dkdv": {64: [_C(16, 32, 4, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
+    "dkdv": {64: [_C(16, 32, 8, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
     "dkdv_dq": {64: [_C(16, 32, 4, 1)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
     "dq_prefix": {64: [_C(32, 32, 4, 2)], 128: [_C(16, 16, 8, 1)], 256: [_C(16, 16, 8, 1)]},
 }
-_FP32_90 = _FP32
+_FP32_90 = dict(_FP32, dq={**_FP32["dq"], 64: [_C(32, 32, 8, 2)]})
+# D = 256 runs 8 warps: with 4, the dropout mask's layout change (dropout.py) pushes dK/dV 16x32
+# into 60-96 B of spills and sm_90's dQ 32x32 into 36 B. sm_80 / sm_86 dQ at D = 128: 32x32 w8
+# (158 registers, 183 at D = 80); 64x32 w8 s2 spills 68 B at D = 80 with odd lengths and MHA
+# heads (tests/test_triton_aot.py's shape variants), 64x32 w4 40-92 B.
 _HEAVY = {
-    "dq": {64: [_C(64, 32, 4, 2), _C(128, 32, 8, 2)], 128: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)],
-           256: [_C(32, 32, 4, 1)]},
-    "dkdv": {64: [_C(16, 64, 4, 1)], 128: [_C(16, 64, 8, 1)], 256: [_C(16, 32, 4, 1)]},
+    "dq": {64: [_C(64, 32, 4, 2), _C(128, 32, 8, 2)], 128: [_C(32, 32, 8, 2), _C(32, 32, 4, 2)],
+           256: [_C(32, 32, 8, 1)]},
+    "dkdv": {64: [_C(16, 64, 4, 1)], 128: [_C(16, 64, 8, 1)], 256: [_C(16, 32, 8, 1)]},
 }
 # (sm_90 dq at D = 128 used to run 64x32 with 4 warps: with D = 80, odd lengths and MHA heads
-# (tests/test_triton_aot.py's shape variants) it spills 24 B there; 8 warps do not)
-_HEAVY_90 = dict(_HEAVY, dkdv={**_HEAVY["dkdv"], 64: [_C(16, 64, 4, 1), _C(32, 64, 4, 1)]})
+# it spills 24 B there; 8 warps do not)
+_HEAVY_90 = dict(_HEAVY, dq={**_HEAVY["dq"], 128: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)]},
+                 dkdv={**_HEAVY["dkdv"], 64: [_C(16, 64, 4, 1), _C(32, 64, 4, 1)]})
 # Light calls: pipelined (3-stage, cp.async) tiles. sm_90 holds 32x128 dK/dV tiles (wgmma reads
 # its operands from shared memory); on sm_80 / sm_86 they spill, 32x64 with 8 warps does not.
 _LIGHT = {
@@ -399,7 +404,9 @@ _LIGHT_90 = dict(_LIGHT, dkdv={**_LIGHT["dkdv"], 64: [_C(32, 128, 8, 3), _C(16, 
 # at D = 64, 16 with 128 prefix rows at D = 128; larger pairs spill (measured with the AOT
 # compile). The kernel is memory-bound at every entry (per query row it reads Q, O and dO, 6 * D
 # bytes, for 8 * BLOCK_P * D FLOPs), so a prefix of 17 padded to 64 rows costs tensor-core time
-# that the loads hide. Every entry fits sm_86's 99 KB: one table for all architectures.
+# that the loads hide. Every entry fits sm_86's 99 KB. On sm_80 / sm_86 the heavy 64- and
+# 128-row prefix blocks at D = 64 run unpipelined: with 2 stages they spill 48-52 B (222 and 243
+# registers with 1); so does float32's 32x16 with 4 warps (16 B).
 _PREFIX = {
     "16bit": {64: [_C(128, 16, 8, 2), _C(32, 64, 4, 3), _C(32, 128, 8, 3)],
               128: [_C(64, 16, 8, 2), _C(32, 64, 8, 2), _C(16, 128, 8, 2)],
@@ -411,6 +418,11 @@ _PREFIX = {
              128: [_C(32, 16, 8, 1), _C(16, 32, 8, 1)],
              256: [_C(16, 16, 8, 1)]},
 }
+_PREFIX_80 = {**_PREFIX, "16bit_heavy": {**_PREFIX["16bit_heavy"],
+                                          64: [_C(128, 16, 8, 2), _C(16, 64, 8, 1),
+                                               _C(16, 128, 8, 1)]},
+              # float32 at D = 64: 32x16 w4 s2 spills 16 B there, 8 warps do not
+              "fp32": {**_PREFIX["fp32"], 64: [_C(32, 16, 8, 2), _C(16, 32, 8, 2)]}}
 
 
 def _tables(light, heavy, fp32, prefix=_PREFIX):
@@ -420,7 +432,8 @@ def _tables(light, heavy, fp32, prefix=_PREFIX):
     return dict(out, dprefix=prefix)
 
 
-_BWD = {80: _tables(_LIGHT, _HEAVY, _FP32), 86: _tables(_LIGHT, _HEAVY, _FP32),
+_BWD = {80: _tables(_LIGHT, _HEAVY, _FP32, _PREFIX_80),
+        86: _tables(_LIGHT, _HEAVY, _FP32, _PREFIX_80),
         90: _tables(_LIGHT_90, _HEAVY_90, _FP32_90)}
 # The interpreter: one fixed small configuration (tests may change it to exercise more tiles).
 INTERPRET_CONFIG = Config(32, 32, 4, 1)
@@ -512,7 +525,7 @@ def _bank_rows(prefix_index: torch.Tensor, t: int):
 
 
 def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_index, bias,
-                  s_bias, row_len, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk,
+                  s_bias, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk,
                   dpv):
     """dprefix_k / dprefix_v (T, Hkv, P, D) into ``dpk`` / ``dpv`` (contiguous): the prefix
     kernel's float32 partials (B, NCHUNK, Hkv, P, D), then their fixed-order sum per prefix
@@ -537,7 +550,7 @@ def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_in
          prefix_index if mode == 3 else q, bias, wk, wv,
          *q.stride(), *grad_out.stride(), *out.stride(), *strides(grad_lse, 3),
          *prefix_k.stride(), *prefix_v.stride(), *s_bias,
-         hq, hkv, nq, p_len, row_len, chunk_rows, n_chunk,
+         hq, hkv, nq, p_len, chunk_rows, n_chunk,
          opts["scale"], opts["softcap"], opts["dropout_p"], seed,
          block_p=bp, PREFIX_MODE=mode, HAS_GLSE=grad_lse is not None,
          NEED_DK=need_dpk, NEED_DV=need_dpv, **flags)
@@ -673,7 +686,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
 
     if need_dpk or need_dpv:
         _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_index, bias,
-                      s_bias, p_len + nk, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk, dpv)
+                      s_bias, mode, seed, opts, flags, tune_key, need_dpk, need_dpv, dpk, dpv)
     return dq, dk, dv, dpk, dpv
 
 
@@ -693,7 +706,7 @@ _UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_pkd", "s_pvd", "s_kpmn", "s_bn", "s_
 _FLOAT_ARGS = ("scale", "softcap", "dropout_p")
 # Lengths the JIT sees divisible by 16 in a typical call (e.g. 2048); P, B and the head counts
 # are left unmarked (any value).
-_DIV16_INTS = ("Nq", "Nk", "row_len", "rows_per_chunk")
+_DIV16_INTS = ("Nq", "Nk", "rows_per_chunk")
 _POINTERS = {"q_ptr": "DT", "k_ptr": "DT", "v_ptr": "DT", "pk_ptr": "DT", "pv_ptr": "DT",
              "do_ptr": "DT", "dq_ptr": "DT", "dk_ptr": "DT", "dv_ptr": "DT", "dpk_ptr": "DT",
              "dpv_ptr": "DT", "pidx_ptr": "i64", "kpm_ptr": "u8", "bias_ptr": "fp32",

@@ -42,7 +42,7 @@ from ptkernels.backends.triton.dropout import dropout_keep_t
 @triton.jit
 def _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                     offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
-                    scale, softcap, dropout_p, seed, row_len, col0,
+                    scale, softcap, dropout_p, seed, n0, col0,
                     MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DT: tl.constexpr,
@@ -54,7 +54,7 @@ the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
     k, v: (BN, BLOCK_D) key tiles; q, do: (BM, BLOCK_D) query tiles (zeros past Nq / D);
     lse2 (BM,) = lse * log2(e), +inf on rows past Nq or that see no key; delta (BM,);
     offs_m (BM,) query rows, row_ok (BM,) rows < Nq; offs_n (BN,) key index within its segment,
-    col_valid (BN,) keys that exist and are not padded; col0 the segment's first column in the
+    n0 + [0, BN) (n0 a multiple of 4: the dropout draws serve groups of 4 keys); col_valid (BN,) keys that exist and are not padded; col0 the segment's first column in the
     P + Nk score row (0 for the prefix, P for the sequence); bias_base points at the segment's
     first column of head (b, h); DT the inputs' dtype (P and dS are rounded to it before their
     products, as on the GPU, also under FP32_DOTS).
@@ -77,7 +77,7 @@ the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
         visible = visible & (offs_m[None, :] + diag_off - offs_n[:, None] < window)
     p = tl.where(visible, tl.exp2(s - lse2[None, :]), 0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep_t(seed, b * Hq + h, offs_m, col0 + offs_n, row_len, dropout_p)
+        keep = dropout_keep_t(seed, b * Hq + h, offs_m, col0, n0, dropout_p, BLOCK_N)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
     else:
@@ -112,7 +112,7 @@ def _bwd_dprefix_kernel(
         s_gb, s_gh, s_gm,
         s_pkt, s_pkh, s_pkn, s_pkd, s_pvt, s_pvh, s_pvn, s_pvd,
         s_bb, s_bh, s_bm, s_bn,
-        Hq, Hkv, Nq, P, row_len, rows_per_chunk, n_chunk,
+        Hq, Hkv, Nq, P, rows_per_chunk, n_chunk,
         scale, softcap, dropout_p, seed,
         D: tl.constexpr,
         PREFIX_MODE: tl.constexpr,  # ptk::PrefixMode: 1 shared, 2 one per row, 3 bank
@@ -176,7 +176,7 @@ def _bwd_dprefix_kernel(
             dk, dv, _ = _key_tile_grads(
                 dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                 offs_m, row_ok, offs_p, p_valid, b64, h, Hq, 0, 0,
-                scale, softcap, dropout_p, seed, row_len, 0,
+                scale, softcap, dropout_p, seed, pid_p * BLOCK_P, 0,
                 False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV, DT,
                 BLOCK_M, BLOCK_P, FP32_DOTS)
     # partial (b, chunk, hk, p, d) of the contiguous (B, n_chunk, Hkv, P, D) workspace

@@ -121,7 +121,7 @@ def attend_segment_packed(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             # bh as a column: each row draws from its own head's stream, as in the main kernel
-            keep = dropout_keep(seed, bh[:, None], m, col0 + cols, n_cols, dropout_p)
+            keep = dropout_keep(seed, bh[:, None], m, col0, start, dropout_p, BLOCK_N)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)

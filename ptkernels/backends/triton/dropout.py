@@ -1,18 +1,24 @@
 """Dropout keep-mask of the Triton attention kernels (forward and backward share it).
 
-The mask is a pure function of (seed, b, h, i, j), so the backward regenerates exactly the mask the
-forward drew, tile by tile, without storing it:
+The mask is a pure function of (seed, b, h, i, col0, j), so the backward regenerates exactly
+the mask the forward drew, tile by tile, without storing it. One Philox call (10 rounds, four
+32-bit outputs) serves four consecutive keys of a segment (the prefix, or the sequence keys):
 
-    keep(b, h, i, j) = tl.rand(seed + (b * Hq + h), i * (P + Nk) + j) >= p
+    r0, r1, r2, r3 = philox(key = seed, c0 = j // 4, c1 = i, c2 = col0, c3 = b * Hq + h)
+    keep(b, h, i, col0 + j) = r_(j % 4) >= floor(p * 2^32)     (unsigned)
 
-for query row i and key column j in [0, P + Nk) (prefix columns first, then sequence keys), with
-``seed = int(dropout_seed[0]) % 2**31`` (``seed_from_tensor``) and int32 offsets. The per-(b, h)
-seed is formed in int64 so it never wraps. The offset i * (P + Nk) + j stays int32 on purpose:
-past 2^32 within one head (Nq * (P + Nk) > 2^32, e.g. 64K x 64K) it wraps and repeats earlier
-rows' mask (forward and backward still agree). int64 offsets (``tl.rand`` then feeds the high 32
-bits to a second Philox counter word; bit-identical below 2^32) cost the backward's
-all-features configs, already at 254-255 registers, 12-24 B of spills on sm_80 / sm_90 (AOT
-check). Kept probabilities are scaled by 1 / (1 - p) by the caller.
+for query row i and key j within its segment, whose first score column is col0 (0 for the
+prefix keys, P for the sequence keys: column P + j; without a prefix both are 0, no clash), with
+``seed = int(dropout_seed[0]) % 2**31`` (``seed_from_tensor``): each key is kept with
+probability 1 - p (to 2^-32). The four outputs of one call are independent draws. Every tile of
+keys starts at a multiple of its block (at least 16) within its segment, so its groups of four
+never straddle a tile; the counters are the indices themselves, so nothing wraps below 2^32 rows
+or keys (the earlier flat int32 offset i * (P + Nk) + j wrapped, and repeated the mask, past
+2^32 scores in a head). A quarter of the Philox calls of one per score, for a layout change: the
+four outputs are interleaved into the tile by ``join`` + ``reshape`` (a shared-memory round trip
+of an int8 tile: 4-16 KB more shared memory and up to ~50 more registers in the forward, which
+is why some heavy backward tables run 8 warps, attention_bwd.py). Kept probabilities are scaled
+by 1 / (1 - p) by the caller.
 
 ``dropout_keep_mask`` writes the same mask as a bool tensor (B, Hq, Nq, P + Nk) so that tests can
 hand it to the eager reference.
@@ -32,60 +38,88 @@ def seed_from_tensor(dropout_seed: torch.Tensor) -> int:
 
 
 @triton.jit
-def dropout_keep(seed, bh, rows, cols, n_cols, p):
-    """Bool keep-mask of one tile.
+def _keep4(seed, bh, c0, c1, col0, p):
+    """The four keep bits (int8) of the key groups c0 (key // 4) and rows c1, broadcast
+    together: one Philox call per group. The head goes into a counter, not the key, so the key
+    stays the call's one scalar seed also where rows of several heads share a tile (decode)."""
+    # the counters broadcast inside Philox: its first rounds run on the (rows, 1) and (1, groups)
+    # vectors, the full tile from the third round on
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, col0, bh.to(tl.uint32))
+    # floor(p * 2^32) for p in [0, 1), kept below 2^32 where float32 rounds p * 2^32 up to it
+    thr = tl.minimum(p * 4294967296.0, 4294967040.0).to(tl.uint32)
+    return ((r0 >= thr).to(tl.int8), (r1 >= thr).to(tl.int8), (r2 >= thr).to(tl.int8),
+            (r3 >= thr).to(tl.int8))
 
-    seed: int32 scalar (``seed_from_tensor``); bh: b * Hq + h; rows (BLOCK_M,) query indices i;
-    cols (BLOCK_N,) key columns j in [0, P + Nk) (prefix first); n_cols = P + Nk; p: drop rate.
-    Returns (BLOCK_M, BLOCK_N) bool, True = keep.
+
+@triton.jit
+def dropout_keep(seed, bh, rows, col0, n0, p, BLOCK_N: tl.constexpr):
+    """Bool keep-mask of one (rows x keys) tile.
+
+    seed: int32 scalar (``seed_from_tensor``); bh: b * Hq + h (scalar, or a (BLOCK_M, 1) column
+    of per-row heads); rows (BLOCK_M,) query indices i; col0: the segment's first score column
+    (0 for prefix keys, P for sequence keys); n0: the tile's first key within its segment (a
+    multiple of 4); p: drop rate. Returns (BLOCK_M, BLOCK_N) bool, True = keep, for the keys
+    n0 + [0, BLOCK_N) of the segment.
     """
-    head_seed = bh.to(tl.int64) + seed  # bh is a tensor; seed may arrive as a constexpr
-    offsets = rows[:, None] * n_cols + cols[None, :]
-    return tl.rand(head_seed, offsets.to(tl.int32)) >= p
+    tl.static_assert(BLOCK_N % 4 == 0, "dropout tiles hold whole groups of 4 keys")
+    groups = n0 // 4 + tl.arange(0, BLOCK_N // 4)
+    k0, k1, k2, k3 = _keep4(seed, bh, groups[None, :], rows[:, None], col0, p)
+    # (M, N/4, 2, 2)[m, g, x, y] = k_(2x + y)[m, g] -> key 4g + 2x + y
+    keep = tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (rows.shape[0], BLOCK_N))
+    return keep != 0
 
 
 @triton.jit
-def dropout_keep_t(seed, bh, rows, cols, n_cols, p):
-    """``dropout_keep`` laid out (cols, rows) for a (keys x queries) tile of the backward: the same
-    formula element by element. Generating it transposed avoids a layout conversion (shared
-    memory + registers) of the (rows, cols) mask."""
-    head_seed = bh.to(tl.int64) + seed
-    offsets = rows[None, :] * n_cols + cols[:, None]
-    return tl.rand(head_seed, offsets.to(tl.int32)) >= p
+def dropout_keep_t(seed, bh, rows, col0, n0, p, BLOCK_N: tl.constexpr):
+    """``dropout_keep`` laid out (keys, rows) for a (keys x queries) tile of the backward: the
+    same draws, generated in that layout."""
+    return tl.trans(dropout_keep(seed, bh, rows, col0, n0, p, BLOCK_N))
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, seed, Hq, Nq, n_cols, p, BLOCK_M: tl.constexpr,
+def _keep_mask_kernel(out_ptr, seed, Hq, Nq, P, n_cols, p, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    # grid (B * Hq * cdiv(Nq, BLOCK_M), cdiv(n_cols, BLOCK_N)): (b, h) folded into axis 0 (no
-    # 65,535 limit); out is (B * Hq, Nq, n_cols) int8.
+    # grid (B * Hq * cdiv(Nq, BLOCK_M), cdiv(P, BLOCK_N) + cdiv(n_cols - P, BLOCK_N)): (b, h)
+    # folded into axis 0 (no 65,535 limit), the prefix tiles then the sequence tiles on axis 1;
+    # out is (B * Hq, Nq, n_cols) int8.
     n_mb = tl.cdiv(Nq, BLOCK_M)
     pid_m = tl.program_id(0) % n_mb
     bh = tl.program_id(0) // n_mb
     pid_n = tl.program_id(1)
+    n_pb = tl.cdiv(P, BLOCK_N)
+    seg = (pid_n >= n_pb).to(tl.int32)
+    n0 = (pid_n - seg * n_pb) * BLOCK_N
+    col0 = seg * P
+    seg_len = P + seg * (n_cols - 2 * P)   # P for the prefix, Nk for the sequence
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, bh, rows, cols, n_cols, p)
+    keys = n0 + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, bh, rows, col0, n0, p, BLOCK_N)
     # int64: rows * n_cols passes 2^31 for a head of Nq * (P + Nk) > 2^31 mask elements
-    ptrs = out_ptr + (bh.to(tl.int64) * Nq + rows[:, None]) * n_cols + cols[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Nq) & (cols[None, :] < n_cols))
+    ptrs = out_ptr + (bh.to(tl.int64) * Nq + rows[:, None]) * n_cols + (col0 + keys)[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Nq) & (keys[None, :] < seg_len))
 
 
-def dropout_keep_mask(seed_tensor: torch.Tensor, shape, p: float, device=None) -> torch.Tensor:
-    """The keep-mask the Triton kernels use, as bool (B, Hq, Nq, P + Nk) on ``device``.
+def dropout_keep_mask(seed_tensor: torch.Tensor, shape, p: float, device=None, *,
+                      prefix_len: int) -> torch.Tensor:
+    """The keep-mask the Triton kernels use, as bool (B, Hq, Nq, P + Nk) on ``device``, with
+    ``prefix_len`` = P (the first P columns are the prefix segment's keys).
 
     ``device`` defaults to the CPU under the interpreter and to the current CUDA device otherwise.
     """
     b, hq, nq, n_cols = (int(s) for s in shape)
+    prefix_len = int(prefix_len)
+    if not 0 <= prefix_len <= n_cols:
+        raise ValueError(f"prefix_len must be in [0, {n_cols}] (shape[-1]), got {prefix_len}")
     if device is None:
         device = "cpu" if INTERPRET else "cuda"
     out = torch.empty((b, hq, nq, n_cols), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
     block_m, block_n = 16, 64
-    grid = (b * hq * triton.cdiv(nq, block_m), triton.cdiv(n_cols, block_n))
-    _keep_mask_kernel[grid](out, seed_from_tensor(seed_tensor), hq, nq, n_cols, float(p),
-                            BLOCK_M=block_m, BLOCK_N=block_n)
+    n_tiles = triton.cdiv(prefix_len, block_n) + triton.cdiv(n_cols - prefix_len, block_n)
+    grid = (b * hq * triton.cdiv(nq, block_m), n_tiles)
+    _keep_mask_kernel[grid](out, seed_from_tensor(seed_tensor), hq, nq, prefix_len, n_cols,
+                            float(p), BLOCK_M=block_m, BLOCK_N=block_n)
     return out.bool()
 
 
