@@ -54,9 +54,10 @@ def render(rows) -> str:
              "16, GQA head counts), for the table of each architecture (sm_86 also serves sm_89). "
              "Labels: `all-features` = bank prefix + causal + window + padding + bias + softcap + "
              "dropout (+ all gradients in the backward; the forward table of calls with two or "
-             "more of bias, softcap and dropout), `light` = the same without bias, softcap and "
-             "dropout (the table of calls without them), `bias` / `softcap` / `dropout` = light "
-             "plus that one feature (the forward's table of calls with only it).", "",
+             "more of bias, softcap and dropout, the backward's of calls with a bias or "
+             "softcap), `light` = the same without bias, softcap and dropout (the table of calls "
+             "without them), `bias` / `softcap` / `dropout` = light plus that one feature (the "
+             "table of calls with only it: forward all three, backward dropout).", "",
              "Columns: registers per thread; spill stores/loads in bytes (ptxas -v); shared memory "
              "per block in bytes (limits: sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB); pipeline "
              "stages; resident blocks per SM from registers, warps and shared memory; asynchronous "

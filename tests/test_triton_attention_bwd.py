@@ -323,8 +323,8 @@ def test_prefix_blocks():
     for arch in configs.ARCHS:
         for dtype in configs.DTYPES:
             for bd in configs.HEAD_DIM_BUCKETS:
-                for heavy in (False, True):
-                    blocks = [c.block_n for c in tbwd.candidates("dprefix", arch, dtype, bd, heavy)]
+                for cls in tbwd.CLASSES:
+                    blocks = [c.block_n for c in tbwd.candidates("dprefix", arch, dtype, bd, cls)]
                     assert prefix_block(7, blocks) == 16 and len(set(blocks)) == len(blocks)
 
 
@@ -431,6 +431,26 @@ def test_nothing_to_differentiate():
     assert dk.shape == (2, 2, 0, 32) and not torch.isnan(dq).any() and not torch.isnan(dpk).any()
 
 
+def test_table_class():
+    """Light without bias / softcap / dropout, "dropout" with dropout alone, heavy with a bias or
+    soft-capping; a dropout-only call gets pipelined tiles where its table has them."""
+    def cls(bias, softcap, dropout):
+        return tbwd.table_class({"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_DROPOUT": dropout})
+
+    assert cls(False, False, False) == "light" and cls(False, False, True) == "dropout"
+    assert {cls(True, False, False), cls(False, True, False), cls(True, True, True),
+            cls(True, False, True)} == {"heavy"}
+    with pytest.raises(ValueError, match="features"):
+        tbwd.candidates("dq", 90, torch.bfloat16, 64, "bias")
+    for arch in (80, 86, 90):
+        for kernel in ("dq", "dkdv"):
+            drop = tbwd.candidates(kernel, arch, torch.bfloat16, 128, "dropout")
+            heavy = tbwd.candidates(kernel, arch, torch.bfloat16, 128, "heavy")
+            assert drop[0].num_stages > 1 and drop[-1] == heavy[0]
+        # fused kernels serve light calls only
+        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 64, "dropout") == []
+
+
 @pytest.mark.parametrize("arch", [80, 86, 90])
 def test_aot_specs_cover_every_candidate(arch):
     """tests/test_triton_aot.py compiles AOT_SPECS: every configuration the backward may pick
@@ -443,12 +463,14 @@ def test_aot_specs_cover_every_candidate(arch):
                           "dprefix_sum"}
     for kernel in ("dq", "dkdv", "dkdv_dq", "dq_prefix", "dprefix"):
         light_only = kernel in tbwd.FUSED_KERNELS
-        compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"], v["heavy"])
+        compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"], v["features"])
                     for v in specs[kernel]["variants"](arch)}
         for v in specs[kernel]["variants"](arch):
             cx = v["constexprs"]
-            heavy = cx["HAS_DROPOUT"] and cx["HAS_SOFTCAP"] and cx["HAS_BIAS"]
-            assert heavy == v["heavy"] and (cx["D"] == cx["BLOCK_D"] or "shape" in v)
+            # compiled with exactly its class's bias / softcap / dropout flags
+            on = tuple(f for f in ("HAS_BIAS", "HAS_SOFTCAP", "HAS_DROPOUT") if cx[f])
+            assert on == tbwd.CLASS_FEATURES[v["features"]], v["label"]
+            assert cx["D"] == cx["BLOCK_D"] or "shape" in v
             # every mask / prefix feature the kernel has is on
             assert cx.get("PREFIX_MODE", 3) == 3
             assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_WINDOW", "HAS_KPM"))
@@ -457,13 +479,21 @@ def test_aot_specs_cover_every_candidate(arch):
             assert cx.get("SEQ_KEYS", kernel != "dq_prefix") == (kernel != "dq_prefix")
         for dtype in configs.DTYPES:
             for bd in configs.HEAD_DIM_BUCKETS:
-                for heavy in (True, False):
-                    cands = tbwd.candidates(kernel, arch, dtype, bd, heavy)
-                    assert bool(cands) == (not (light_only and heavy)) or dtype == torch.float32
+                for cls in tbwd.CLASSES:
+                    cands = tbwd.candidates(kernel, arch, dtype, bd, cls)
+                    assert bool(cands) == (not light_only or cls == "light") \
+                        or dtype == torch.float32
                     for cfg in cands:
-                        compiled_heavy = not light_only and (heavy or dtype == torch.float32)
-                        key = (configs.aot_dtype(dtype), f"d{bd}", str(cfg), compiled_heavy)
-                        assert key in compiled, f"{kernel} sm_{arch}: {key} is never compiled"
+                        if light_only:
+                            want = ("light",)
+                        elif dtype == torch.float32:
+                            want = ("heavy",)
+                        else:   # a dropout config may be covered by the heavy compile
+                            want = {"light": ("light",), "dropout": ("dropout", "heavy"),
+                                    "heavy": ("heavy",)}[cls]
+                        keys = [(configs.aot_dtype(dtype), f"d{bd}", str(cfg), w) for w in want]
+                        assert any(k in compiled for k in keys), \
+                            f"{kernel} sm_{arch}: {keys[0]} is never compiled"
 
 
 # ----------------------------------------------------------------------------------------------

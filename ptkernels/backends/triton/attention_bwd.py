@@ -339,10 +339,10 @@ def _bwd_dkdv_kernel(
 
 # Config(block_m, block_n, num_warps, num_stages) per kernel, arch, dtype class and head-dim
 # bucket (BLOCK_D upper bound), best guess first (the first one the GPU can hold runs).
-# "16bit_heavy" serves calls with an attention bias, soft-capping or dropout and "16bit" the
-# others (light: no bias tile, tanh or Philox state, so larger pipelined tiles fit); fp32 tiles
-# serve both. Every entry compiles for its arch with the heaviest feature set of its table and
-# no register spills (AOT_SPECS below, tests/test_triton_aot.py), which is what keeps the heavy
+# "16bit_heavy" serves calls with an attention bias or soft-capping, "16bit_dropout" those with
+# dropout alone and "16bit" the others (light: no bias tile, tanh or Philox state, so larger
+# pipelined tiles fit; ``table_class``); fp32 tiles serve all. Every entry compiles for its arch
+# with its table's feature set and no register spills (AOT_SPECS below, tests/test_triton_aot.py), which is what keeps the heavy
 # tiles small: dK/dV programs hold K, V and two float32 (BLOCK_N, D) accumulators for their whole
 # life, and 3xTF32 (float32 inputs) needs split operands. float32 with D >= 128 runs with
 # FP32_DOTS (exact fp32 FMA dots, no tensor cores: every tf32x3 dQ tile spilled on sm_90 there).
@@ -425,16 +425,47 @@ _PREFIX_80 = {**_PREFIX, "16bit_heavy": {**_PREFIX["16bit_heavy"],
               "fp32": {**_PREFIX["fp32"], 64: [_C(32, 16, 8, 2), _C(16, 32, 8, 2)]}}
 
 
-def _tables(light, heavy, fp32, prefix=_PREFIX):
-    # the fused kernels ("dkdv_dq", "dq_prefix") serve light calls only: no heavy table
+# Dropout-only calls ("16bit_dropout"): the Philox mask without a bias tile or the tanh
+# derivative leaves room for pipelined tiles near the light ones (AOT compile, with every other
+# feature and all gradients on). sm_80 / sm_86: dQ 128x32 w8 s3 at D = 64 (255 registers) but
+# 64x32 at D = 128 (128x32 spills 32-40 B); dK/dV 16x64 w8 s3 at D = 64 (32x64 spills 88 B)
+# and 32x64 w8 s3 at D = 128 (244). sm_90: dQ 128x32 w8 s3 (164 / 228); dK/dV 32x128 w8 s3 at
+# D = 64 (228), 32x64 w8 s3 at D = 128 (254; 32x128 spills 24-36 B). D = 256 as heavy calls.
+# The dQ and dK/dV lists end with their heavy table's first entry.
+_DROPOUT = {
+    "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(64, 32, 8, 3), _C(32, 32, 8, 2)],
+           256: [_C(32, 32, 8, 1)]},
+    "dkdv": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
+             256: [_C(16, 32, 8, 1)]},
+}
+_DROPOUT_90 = {
+    "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)],
+           256: [_C(32, 32, 8, 1)]},
+    "dkdv": {64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
+             256: [_C(16, 32, 8, 1)]},
+}
+# Prefix gradients of dropout-only calls: one configuration per prefix block, as the light and
+# heavy tables (sm_80 / sm_86 at D = 64: 16-row steps, 32x64 and 32x128 spill 136-164 B there).
+_PREFIX["16bit_dropout"] = {64: [_C(128, 16, 8, 2), _C(32, 64, 4, 3), _C(32, 128, 8, 3)],
+                            128: [_C(64, 16, 8, 2), _C(32, 64, 8, 2), _C(16, 128, 8, 1)],
+                            256: [_C(32, 16, 8, 2), _C(32, 32, 8, 2)]}
+_PREFIX_80["16bit_dropout"] = {**_PREFIX["16bit_dropout"],
+                               64: [_C(128, 16, 8, 2), _C(16, 64, 8, 3), _C(16, 128, 8, 2)]}
+
+
+def _tables(light, heavy, fp32, prefix=_PREFIX, dropout=None):
+    # the fused kernels ("dkdv_dq", "dq_prefix") serve light calls only: no heavy table; a
+    # kernel without a "16bit_dropout" table runs dropout-only calls with its heavy one
     out = {k: {"16bit": light[k], "16bit_heavy": heavy.get(k, {}), "fp32": fp32[k]}
            for k in light}
+    for k, table in (dropout or {}).items():
+        out[k]["16bit_dropout"] = table
     return dict(out, dprefix=prefix)
 
 
-_BWD = {80: _tables(_LIGHT, _HEAVY, _FP32, _PREFIX_80),
-        86: _tables(_LIGHT, _HEAVY, _FP32, _PREFIX_80),
-        90: _tables(_LIGHT_90, _HEAVY_90, _FP32_90)}
+_BWD = {80: _tables(_LIGHT, _HEAVY, _FP32, _PREFIX_80, _DROPOUT),
+        86: _tables(_LIGHT, _HEAVY, _FP32, _PREFIX_80, _DROPOUT),
+        90: _tables(_LIGHT_90, _HEAVY_90, _FP32_90, _PREFIX, _DROPOUT_90)}
 # The interpreter: one fixed small configuration (tests may change it to exercise more tiles).
 INTERPRET_CONFIG = Config(32, 32, 4, 1)
 
@@ -445,16 +476,36 @@ def fp32_dots(dtype: torch.dtype, block_d: int) -> int:
     return fp32_dots_mode(dtype, exact_on_gpu=dtype == torch.float32 and block_d >= 128)
 
 
+# The backward's table classes: "light" (no bias, soft-capping or dropout), "dropout" (dropout
+# only: the Philox mask costs far fewer registers than a bias tile or the tanh derivative) and
+# "heavy" (bias or soft-capping, with or without the others).
+CLASSES = ("light", "dropout", "heavy")
+_CLASS_KEY = {"light": "16bit", "dropout": "16bit_dropout", "heavy": "16bit_heavy"}
+# The feature set each class's configurations are compiled with (AOT_SPECS).
+CLASS_FEATURES = {"light": (), "dropout": ("HAS_DROPOUT",),
+                  "heavy": ("HAS_BIAS", "HAS_SOFTCAP", "HAS_DROPOUT")}
+
+
+def table_class(flags: dict) -> str:
+    """The table class of a call's feature flags (HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT)."""
+    if flags["HAS_BIAS"] or flags["HAS_SOFTCAP"]:
+        return "heavy"
+    return "dropout" if flags["HAS_DROPOUT"] else "light"
+
+
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,
-               heavy: bool = True, block_p: int | None = None) -> list[Config]:
+               features: str = "heavy", block_p: int | None = None) -> list[Config]:
     """Every configuration the backward may run ``kernel`` ("dq", "dkdv", "dkdv_dq", "dq_prefix",
-    "dprefix") with (none for a fused kernel and a heavy call);
-    ``heavy`` = the call has an attention bias, soft-capping or dropout; ``block_p`` (dprefix
-    only) keeps the configurations of that prefix block (all when None)."""
+    "dprefix") with, best first (none for a fused kernel and a dropout or heavy call);
+    ``features`` = the call's ``table_class``; ``block_p`` (dprefix only) keeps the
+    configurations of that prefix block (all when None)."""
+    if features not in _CLASS_KEY:
+        raise ValueError(f"features must be one of {CLASSES}, got {features!r}")
     table = _BWD[configs.table_arch(arch)][kernel]
     bucket = next(ub for ub in configs.HEAD_DIM_BUCKETS if block_d <= ub)
-    cls = "fp32" if dtype == torch.float32 else ("16bit_heavy" if heavy else "16bit")
-    return [c for c in table[cls].get(bucket, []) if block_p is None or c.block_n == block_p]
+    cls = "fp32" if dtype == torch.float32 else _CLASS_KEY[features]
+    entries = table.get(cls, table["16bit_heavy"])
+    return [c for c in entries.get(bucket, []) if block_p is None or c.block_n == block_p]
 
 
 _CHOSEN: dict = {}
@@ -487,9 +538,9 @@ def _run(name: str, kernel, grid_fn, key: tuple, dtype, block_d: int, device, *a
         return run(cfg if block_p is None else cfg._replace(block_n=block_p))
     major, minor = torch.cuda.get_device_capability(device)
     arch = major * 10 + minor
-    heavy = bool(kwargs["HAS_BIAS"] or kwargs["HAS_SOFTCAP"] or kwargs["HAS_DROPOUT"])
     launch_first_fitting(_CHOSEN, (name, arch, dtype, block_d, block_p) + key,
-                         candidates(name, arch, dtype, block_d, heavy, block_p), run)
+                         candidates(name, arch, dtype, block_d, table_class(kwargs), block_p),
+                         run)
 
 
 # Query rows per chunk of the prefix kernel are a multiple of this (a multiple of every BLOCK_M
@@ -533,12 +584,12 @@ def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_in
     b, hq, nq, d = q.shape
     t, hkv, p_len = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     dev, bd = q.device, flags["BLOCK_D"]
-    heavy = bool(flags["HAS_BIAS"] or flags["HAS_SOFTCAP"] or flags["HAS_DROPOUT"])
     arch = 80  # the interpreter follows the sm_80 table
     if dev.type == "cuda" and not INTERPRET:
         major, minor = torch.cuda.get_device_capability(dev)
         arch = major * 10 + minor
-    bp = prefix_block(p_len, [c.block_n for c in candidates("dprefix", arch, q.dtype, bd, heavy)])
+    bp = prefix_block(p_len, [c.block_n for c in candidates("dprefix", arch, q.dtype, bd,
+                                                             table_class(flags))])
     n_pb = triton.cdiv(p_len, bp)
     n_chunk, chunk_rows = _prefix_chunks(n_pb * b * hkv, nq, dev)
     ws_shape = (b, n_chunk, hkv, p_len, d)
@@ -731,15 +782,25 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
         dt = SIG_DTYPE[dtype]
         ptrs = {a: "*" + (dt if t == "DT" else t) for a, t in _POINTERS.items()
                 if a in kernel.arg_names}
-        # heavy / light tables (fp32: one table, compiled heavy unless the kernel is light-only)
+        # each class's table with its features (fp32: one table, compiled heavy unless the
+        # kernel is light-only); a dropout config the heavy table also lists is covered by the
+        # heavy compile (more registers, same tiles)
         if name in FUSED_KERNELS:
-            classes = (False,)
+            classes = ("light",)
+        elif dtype == torch.float32:
+            classes = ("heavy",)
         else:
-            classes = (True,) if dtype == torch.float32 else (True, False)
-        for bd, heavy in [(bd, h) for bd in configs.HEAD_DIM_BUCKETS for h in classes]:
-            for cfg in candidates(name, arch, dtype, bd, heavy):
+            has_dropout = "16bit_dropout" in _BWD[configs.table_arch(arch)][name]
+            classes = ("heavy", "light") + (("dropout",) if has_dropout else ())
+        heavy_cfgs = set()
+        for bd, cls in [(bd, c) for bd in configs.HEAD_DIM_BUCKETS for c in classes]:
+            for cfg in candidates(name, arch, dtype, bd, cls):
+                if cls == "heavy":
+                    heavy_cfgs.add((bd, cfg))
+                elif cls == "dropout" and (bd, cfg) in heavy_cfgs:
+                    continue
                 exact = dtype == torch.float32 and bd >= 128  # fp32_dots() on a GPU
-                feats = _ALL_FEATURES if heavy else _LIGHT_FEATURES
+                feats = dict(_LIGHT_FEATURES, **{f: True for f in CLASS_FEATURES[cls]})
                 cx = dict(feats, **_PATH_FEATURES[name], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           BLOCK_P=cfg.block_n, BLOCK_D=bd, D=bd, FP32_DOTS=exact,
                           **{s: 1 for s in _UNIT_STRIDES})
@@ -747,13 +808,14 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
                 sig = aot_signature(kernel, ptrs, _FLOAT_ARGS, cx)
                 div16 = [a for a in sig if a in ptrs or a in _DIV16_INTS
                          or (a.startswith("s_") and sig[a] == "i32")]
-                out.append({"label": f"{dt} d{bd} {'all-features' if heavy else 'light'}"
-                                     + (" fp32-dots" if exact else ""), "heavy": heavy,
+                label = {"heavy": "all-features"}.get(cls, cls)
+                out.append({"label": f"{dt} d{bd} {label}" + (" fp32-dots" if exact else ""),
+                            "features": cls,
                             "config": str(cfg), "signature": sig, "constexprs": cx,
                             "div16": div16, "num_warps": cfg.num_warps,
                             "num_stages": cfg.num_stages, "tensor_cores": not exact,
                             "async_loads": cfg.num_stages > 1})
-                first = cfg == candidates(name, arch, dtype, bd, heavy)[0]
+                first = cfg == candidates(name, arch, dtype, bd, cls)[0]
                 if (dt, bd) == ("bf16", 128) and first and configs.table_arch(arch) != 86:
                     out += aot_shape_variants(out[-1])
     return out
