@@ -263,10 +263,14 @@ def render(rows, dtype, device, args) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run (Triton interpreter)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="run on the CUDA GPU (the default without --cpu-smoke; make gpu-check)")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions (GPU uses do_bench)")
     ap.add_argument("--out", default=None, help="output markdown path")
     args = ap.parse_args(argv)
+    if args.gpu and args.cpu_smoke:
+        ap.error("--gpu and --cpu-smoke exclude each other")
     rows, dtype, device = run(args)
     text = render(rows, dtype, device, args)
     if args.out:
