@@ -146,6 +146,10 @@ def _print_info(info: dict) -> None:
         table.append([str(row.get("op")), str(row.get("device")), str(row.get("backend") or "none"),
                       str(row.get("reason", ""))])
     print(_table(table))
+    routes = {row["device"]: row["routing"] for row in info["backends"] if row.get("routing")
+              and str(row.get("device", "")).startswith("cuda")}
+    for device, route in routes.items():
+        print(f"routing on {device}: {route}")
     unavailable = []
     for row in info["backends"]:
         for name, status in (row.get("backends") or {}).items():

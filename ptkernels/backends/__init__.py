@@ -5,9 +5,11 @@ A backend is a module that implements the raw kernels of the custom ops (see
 ``gpc_cell_bwd``, each with the signature of the op schema, plus
 ``is_available(op, device) -> (bool, reason)``.
 
-Selection: ``backend="auto"`` picks per op and device from ``AUTO_ORDER``; the environment
-variable ``PTKERNELS_BACKEND`` overrides ``auto`` (not an explicit choice). An explicit choice
-that is not available raises ``BackendUnavailableError`` with the reason.
+Selection: ``backend="auto"`` picks per op and device: on a CUDA device from its measured
+routing table when one matches the GPU and the software versions (``routing``), else from the
+estimated ``AUTO_ORDER``; the environment variable ``PTKERNELS_BACKEND`` overrides ``auto`` (not
+an explicit choice). An explicit choice that is not available raises ``BackendUnavailableError``
+with the reason.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import os
 from types import ModuleType
 
 import torch
+
+from ptkernels.backends import routing
 
 BACKENDS = ("eager", "triton", "cuda")
 OPS = ("prefix_attention", "gpc_cell")
@@ -26,7 +30,8 @@ _MODULES = {
     "cuda": "ptkernels.backends.cuda",
 }
 
-# Preference per op on a CUDA device, best first. Decode-sized attention (few query rows
+# Estimated preference per op on a CUDA device, best first (until ``make gpu-check`` has
+# measured this GPU: routing.py). Decode-sized attention (few query rows
 # against many keys: ``is_decode_shape``) and the GPC cell prefer the CUDA extension until
 # benchmarks say otherwise; the Triton kernels carry the training-time attention. CPU tensors
 # always use eager under auto (the Triton interpreter is a test vehicle, not a fast path).
@@ -116,7 +121,10 @@ def _resolve_constant(op: str, device: torch.device, requested, variant) -> str:
     if requested == "auto":
         kind = "cuda" if device.type == "cuda" else "cpu"
         reasons = []
-        order = AUTO_ORDER[kind].get(f"{op}/{variant}" if variant else op, AUTO_ORDER[kind][op])
+        key = f"{op}/{variant}" if variant and f"{op}/{variant}" in AUTO_ORDER[kind] else op
+        order = AUTO_ORDER[kind][key]
+        if kind == "cuda":
+            order = routing.measured_order(key, device, order) or order
         for name in order:
             ok, why = availability(name, op, device)
             if ok:
@@ -154,11 +162,13 @@ def describe() -> list[dict]:
                 chosen, reason = resolve(op, dev, "auto"), "auto"
             except (BackendUnavailableError, ValueError) as exc:
                 chosen, reason = None, str(exc)
+            route = routing.status(dev).reason if dev.type == "cuda" else "eager on CPU"
             rows.append({
                 "op": op,
                 "device": str(dev),
                 "backend": chosen,
                 "reason": reason,
+                "routing": route,
                 "backends": {n: {"available": ok, "reason": why} for n, (ok, why) in status.items()},
             })
     return rows
