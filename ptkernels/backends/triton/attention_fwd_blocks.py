@@ -3,7 +3,7 @@
 loop, the query-block prologue and the row epilogue (device side); the normalized launch
 arguments, the configuration choice and the AOT compile variants (host side).
 
-Score pipeline (``attend_segment``): ``s = q.k * scale``, soft-capping
+Score pipeline (``attend_blocks``): ``s = q.k * scale``, soft-capping
 ``softcap * tanh(s / softcap)``, then ``+ attn_bias`` (read by its strides: the op hands over an
 expanded view, never a materialized copy), masking, online softmax in base 2 (log2(e) folded
 into the scale, ``exp2``), dropout on the probabilities (``dropout.py``), ``@ V`` with the
@@ -21,31 +21,6 @@ from ptkernels.backends.triton._common import (INTERPRET, LN2, LOG2E, aot_shape_
                                               launch_first_fitting, mma, prefix_mode, round_to,
                                               strides, tanh)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
-
-
-@triton.jit
-def attend_segment(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, n_valid,
-                   col0, n_cols, rows, row_ok, bias_base, s_bm, s_bn, kpm_base, s_kpmn, seed, bh,
-                   dropout_p, scale, softcap, window, q_off, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_SEQ: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   FP32_DOTS: tl.constexpr):
-    """Online softmax of BLOCK_M query rows over keys [lo, hi) of one segment, every block masked
-    (``attend_blocks`` with an empty interior; the split-K decode kernel's chunks).
-
-    acc (BLOCK_M, BLOCK_D) fp32 unnormalized output; m_i, l_i (BLOCK_M,) fp32 running max (base 2)
-    and sum; q (BLOCK_M, BLOCK_D); k_base/v_base point at key 0 of the segment for this (b, kv
-    head); n_valid = keys in the segment (P or Nk); col0 = the segment's first column in
-    [0, P + Nk) (bias and dropout columns); rows (BLOCK_M,) query indices, row_ok = rows < Nq;
-    bias_base points at bias[b, h, 0, 0] (strides s_bm, s_bn); q_off = Nk - Nq (bottom-right
-    causal).
-    """
-    return attend_blocks(
-        acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, lo, lo, n_valid, col0,
-        n_cols, rows, row_ok, bias_rows(bias_base, rows, s_bm, HAS_BIAS), s_bn, kpm_base, s_kpmn,
-        seed, bh, dropout_p, scale, softcap, window, q_off, D, BLOCK_N, BLOCK_D, IS_SEQ, CAUSAL,
-        HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, FP32_DOTS, False)
 
 
 @triton.jit
@@ -68,8 +43,16 @@ def attend_blocks(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, 
                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   FP32_DOTS: tl.constexpr, SPLIT: tl.constexpr):
-    """Online softmax of BLOCK_M query rows over the key blocks [lo, hi) (arguments as
-    ``attend_segment``; bias_row_ptrs (BLOCK_M,) from ``bias_rows``).
+    """Online softmax of BLOCK_M query rows over the key blocks [lo, hi) of one segment.
+
+    acc (BLOCK_M, BLOCK_D) fp32 unnormalized output; m_i, l_i (BLOCK_M,) fp32 running max (base 2)
+    and sum; q (BLOCK_M, BLOCK_D); k_base/v_base point at key 0 of the segment for this (b, kv
+    head); n_valid = keys in the segment (P or Nk); col0 = the segment's first column in
+    [0, P + Nk) (bias and dropout columns); rows (BLOCK_M,) query indices, row_ok = rows < Nq;
+    bias_row_ptrs (BLOCK_M,) pointers at bias[b, h_r, row, 0] (``bias_rows``; column stride
+    s_bn); bh = b * Hq + h, the dropout stream: a scalar, or a (BLOCK_M, 1) column where the rows
+    belong to several heads (the decode kernel's packed GQA rows); q_off = Nk - Nq (bottom-right
+    causal).
 
     Blocks starting in [ilo, ihi) are interior: the caller guarantees that every key of them is
     in the segment and visible to every query row of the program (``interior_bounds``), so they

@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ptkernels.backends.triton._common import (INTERPRET, LOG2E, aot_signature, alloc,
-                                              cast_rounded, mma, prefix_of_row, round_to, tanh)
+from ptkernels.backends.triton._common import (INTERPRET, aot_signature, alloc, cast_rounded,
+                                              prefix_of_row)
 from ptkernels.backends.triton.attention_fwd_blocks import (DIV16_INTS, Launch, aot_variants,
-                                                            finish_rows, launch_with_config)
-from ptkernels.backends.triton.dropout import dropout_keep
+                                                            attend_blocks, finish_rows,
+                                                            launch_with_config)
 
 # Keys per split: enough to amortize a program's setup, small enough to spread a 4k cache over
 # a few dozen programs per (b, kv head).
@@ -64,72 +64,6 @@ def packed_sequence_bounds(r0, Nq, G, Nk, q_off, window, BLOCK_M: tl.constexpr,
         lo = tl.maximum(m_min + q_off - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
-
-
-@triton.jit
-def attend_segment_packed(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi,
-                          n_valid, col0, n_cols, m, row_ok, bias_rows, s_bn, kpm_base, s_kpmn,
-                          seed, bh, dropout_p, scale, softcap, window, q_off, D: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_SEQ: tl.constexpr,
-                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                          HAS_DROPOUT: tl.constexpr, FP32_DOTS: tl.constexpr):
-    """``attend_segment`` (attention_fwd_blocks.py) for packed rows of several query heads: the
-    same score pipeline, with per-row head quantities instead of one (b, h) per program.
-
-    m (BLOCK_M,) query row of each packed row; bias_rows (BLOCK_M,) pointers at
-    bias[b, h_r, m_r, 0] (column stride s_bn); bh (BLOCK_M,) b * Hq + h_r (the dropout stream);
-    the other arguments as in ``attend_segment``.
-    """
-    DT: tl.constexpr = v_base.dtype.element_ty
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < n_valid
-        kt = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        if FP32_DOTS:
-            kt = kt.to(tl.float32)
-        s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), FP32_DOTS)
-        if HAS_SOFTCAP:
-            s = (softcap * LOG2E) * tanh(s * (scale / softcap))
-        else:
-            s = s * (scale * LOG2E)
-        if HAS_BIAS:
-            bias = tl.load(bias_rows[:, None] + (col0 + cols)[None, :] * s_bn,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * LOG2E
-        valid = col_ok[None, :]
-        if IS_SEQ:
-            qpos = m[:, None] + q_off
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= qpos)
-            if HAS_WINDOW:
-                valid = valid & (qpos - cols[None, :] < window)
-            if HAS_KPM:
-                keep_key = tl.load(kpm_base + cols * s_kpmn, mask=col_ok, other=0)
-                valid = valid & (keep_key != 0)[None, :]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys keeps m = -inf: use 0 as its base so that
-        # exp2(-inf - base) = 0 instead of NaN.
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_base)
-        p = tl.exp2(s - m_base[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            # bh as a column: each row draws from its own head's stream, as in the main kernel
-            keep = dropout_keep(seed, bh[:, None], m, col0, start, dropout_p, BLOCK_N)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if FP32_DOTS:
-            v = v.to(tl.float32)
-        acc = mma(round_to(p, DT, FP32_DOTS), v, acc * alpha[:, None], FP32_DOTS)
-        m_i = m_new
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -173,12 +107,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_
         t = prefix_of_row(pidx_ptr, b, PREFIX_MODE)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, P)
-        acc, m_i, l_i = attend_segment_packed(
+        acc, m_i, l_i = attend_blocks(
             acc, m_i, l_i, q, pk_ptr + t * s_pkt + kvh * s_pkh, pv_ptr + t * s_pvt + kvh * s_pvh,
-            s_pkn, s_pkd, s_pvn, s_pvd, lo, hi, hi, 0, n_cols, m, row_ok, bias_rows, s_bn,
-            kpm_ptr, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
+            s_pkn, s_pkd, s_pvn, s_pvd, lo, hi, lo, lo, hi, 0, n_cols, m, row_ok, bias_rows, s_bn,
+            kpm_ptr, s_kpmn, seed, bh[:, None], dropout_p, scale, softcap, window, q_off, D,
             BLOCK_N, BLOCK_D, False, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
-            HAS_DROPOUT, FP32_DOTS)
+            HAS_DROPOUT, FP32_DOTS, False)
     else:
         lo_c = (split - n_split_p) * chunk
         hi_c = tl.minimum(lo_c + chunk, Nk)
@@ -187,12 +121,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pidx_ptr, kpm_ptr, bias_
         # chunk is a multiple of BLOCK_N, so lo stays block aligned
         lo = tl.maximum(lo_c, lo_v)
         hi = tl.minimum(hi_c, hi_v)
-        acc, m_i, l_i = attend_segment_packed(
+        acc, m_i, l_i = attend_blocks(
             acc, m_i, l_i, q, k_ptr + b * s_kb + kvh * s_kh, v_ptr + b * s_vb + kvh * s_vh,
-            s_kn, s_kd, s_vn, s_vd, lo, hi, hi_c, P, n_cols, m, row_ok, bias_rows, s_bn,
-            kpm_ptr + b * s_kpmb, s_kpmn, seed, bh, dropout_p, scale, softcap, window, q_off, D,
-            BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
-            HAS_DROPOUT, FP32_DOTS)
+            s_kn, s_kd, s_vn, s_vd, lo, hi, lo, lo, hi_c, P, n_cols, m, row_ok, bias_rows, s_bn,
+            kpm_ptr + b * s_kpmb, s_kpmn, seed, bh[:, None], dropout_p, scale, softcap, window,
+            q_off, D, BLOCK_N, BLOCK_D, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_BIAS, HAS_SOFTCAP,
+            HAS_DROPOUT, FP32_DOTS, False)
     out, lse = finish_rows(acc, m_i, l_i)
     # workspace slot of (b, h, split, m): the layout the combine kernel reads, as without packing
     part = (bh * n_split + split) * Nq + m
