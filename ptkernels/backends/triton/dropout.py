@@ -72,7 +72,8 @@ def dropout_keep(seed, bh, rows, col0, n0, p, BLOCK_N: tl.constexpr):
 @triton.jit
 def dropout_keep_t(seed, bh, rows, col0, n0, p, BLOCK_N: tl.constexpr):
     """``dropout_keep`` laid out (keys, rows) for a (keys x queries) tile of the backward: the
-    same draws, generated in that layout."""
+    transpose of its tile. (Drawing in the (keys, rows) layout and interleaving along the keys
+    there cost the dK/dV and prefix kernels more registers and spills: AOT check.)"""
     return tl.trans(dropout_keep(seed, bh, rows, col0, n0, p, BLOCK_N))
 
 
