@@ -374,19 +374,27 @@ def test_deterministic(monkeypatch, launches):
 
 
 def test_backward_path_choice(monkeypatch):
-    """The fused dQ needs a light call that asks for dQ and dK, has sequence keys and an
-    accumulator with int32 in-head offsets, and no determinism request."""
+    """The fused dQ needs a call whose class has fused tiles (light; dropout alone in 16-bit at
+    D <= 64) that asks for dQ and dK, has sequence keys and an accumulator with int32 in-head
+    offsets, and no determinism request."""
     monkeypatch.delenv("PTKERNELS_DETERMINISTIC", raising=False)
+    ft = tbwd.fused_tiles
+    for arch in (80, 86, 90):
+        assert ft("light", arch, torch.float32, 128) and ft("light", arch, torch.bfloat16, 256)
+        assert ft("dropout", arch, torch.bfloat16, 64) and ft("dropout", arch, torch.float16, 32)
+        assert not ft("dropout", arch, torch.bfloat16, 128)   # its pipelined tiles spill
+        assert not ft("dropout", arch, torch.float32, 64)     # fp32 fused tiles: light only
+        assert not ft("heavy", arch, torch.bfloat16, 64)
     fused = tbwd.uses_fused_dq
-    assert fused(True, True, False, 5, 2 ** 31 - 1)
-    assert not fused(True, True, True, 5, 64)          # bias / softcap / dropout
-    assert not fused(True, False, False, 5, 64)        # k frozen: dQ alone
-    assert not fused(False, True, False, 5, 64)        # q frozen: dK/dV alone
-    assert not fused(True, True, False, 0, 64)         # no sequence keys
-    assert not fused(True, True, False, 5, 2 ** 31)    # offsets past int32
+    assert fused(True, True, True, 5, 2 ** 31 - 1)
+    assert not fused(True, True, False, 5, 64)         # no fused tiles for the call's class
+    assert not fused(True, False, True, 5, 64)         # k frozen: dQ alone
+    assert not fused(False, True, True, 5, 64)         # q frozen: dK/dV alone
+    assert not fused(True, True, True, 0, 64)          # no sequence keys
+    assert not fused(True, True, True, 5, 2 ** 31)     # offsets past int32
     assert tbwd.backward_path().startswith("5-product")
     monkeypatch.setenv("PTKERNELS_DETERMINISTIC", "1")
-    assert not fused(True, True, False, 5, 64) and tbwd.backward_path().startswith("7-product")
+    assert not fused(True, True, True, 5, 64) and tbwd.backward_path().startswith("7-product")
 
 
 @pytest.mark.parametrize("output_mask,expected",
@@ -399,6 +407,17 @@ def test_launches_per_output_mask(output_mask, expected, launches):
     case = Case(nq=21, nk=25, p=7, causal=True, form="bank")
     check_bwd(case, torch.float32, output_mask=output_mask)
     assert launches == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dropout_only_low_precision_takes_the_fused_path(dtype, launches):
+    """A dropout-only 16-bit call at D <= 64 runs the 5-product kernels (dQ by atomics), with
+    the forward's mask regenerated, against the float64 reference."""
+    case = Case(dropout_p=0.25, causal=True, padding="left", form="bank", hq=4, hkv=2, nq=19,
+                nk=23, p=5, d=32)
+    check_against_reference(case, dtype, backend="triton", device=DEVICE, seed=21,
+                            dropout_mask_fn=dropout_keep_mask)
+    assert "dkdv_dq" in launches and "dq_prefix" in launches and "dq" not in launches
 
 
 def test_no_sequence_keys_takes_the_dq_kernel(launches):
@@ -447,8 +466,10 @@ def test_table_class():
             drop = tbwd.candidates(kernel, arch, torch.bfloat16, 128, "dropout")
             heavy = tbwd.candidates(kernel, arch, torch.bfloat16, 128, "heavy")
             assert drop[0].num_stages > 1 and drop[-1] == heavy[0]
-        # fused kernels serve light calls only
-        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 64, "dropout") == []
+        # fused kernels serve light calls and dropout-only ones at D <= 64, never heavy ones
+        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 64, "dropout")
+        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 128, "dropout") == []
+        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 64, "heavy") == []
 
 
 @pytest.mark.parametrize("arch", [80, 86, 90])
@@ -481,11 +502,15 @@ def test_aot_specs_cover_every_candidate(arch):
             for bd in configs.HEAD_DIM_BUCKETS:
                 for cls in tbwd.CLASSES:
                     cands = tbwd.candidates(kernel, arch, dtype, bd, cls)
-                    assert bool(cands) == (not light_only or cls == "light") \
-                        or dtype == torch.float32
+                    if dtype == torch.float32 or not light_only or cls == "light":
+                        assert cands, (kernel, arch, dtype, bd, cls)
+                    elif cls == "heavy":   # no fused kernel for a bias or softcap
+                        assert not cands, (kernel, arch, bd)
                     for cfg in cands:
-                        if light_only:
-                            want = ("light",)
+                        if light_only and dtype == torch.float32:
+                            want = ("light",)   # fp32 fused runs light calls only (fused_tiles)
+                        elif light_only:
+                            want = (cls,)
                         elif dtype == torch.float32:
                             want = ("heavy",)
                         else:   # a dropout config may be covered by the heavy compile

@@ -14,12 +14,14 @@ Kernels:
   query chunk), and the sum kernel adds them per prefix in a fixed order (deterministic).
 
 Two paths for the sequence part of dQ (``uses_fused_dq``). Fused, the default for light calls
-(no bias, softcap or dropout) that need dQ and dK: the dK/dV kernel also computes each tile
+(no bias, softcap or dropout) and for dropout-only 16-bit calls at D <= 64 (``fused_tiles``)
+that need dQ and dK: the dK/dV kernel also computes each tile
 pair's dQ = dS K and adds it with float32 atomics to a (B, Hq, Nq, D) accumulator, and the dQ
 kernel then runs over the prefix keys only and adds the accumulator before its single store
 (FlashAttention-2's structure: S and dP are computed once per tile pair, 5 products instead of
-7). Separate (7 products, no atomics, bitwise reproducible): heavy calls, whose tiles have no
-registers left for a dQ tile; partial gradient requests; and any call when determinism is asked
+7). Separate (7 products, no atomics, bitwise reproducible): calls with a bias or softcap, and
+dropout at larger head dims, whose tiles have no registers left for a dQ tile; partial gradient
+requests; and any call when determinism is asked
 for (``torch.use_deterministic_algorithms(True)`` or PTKERNELS_DETERMINISTIC=1).
 
 Given the final lse and delta each segment's backward is independent, so the prompt-only
@@ -376,7 +378,7 @@ _LIGHT = {
            256: [_C(32, 32, 4, 1)]},
     "dkdv": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 4, 1)]},
-    # The fused backward (light calls only, ``uses_fused_dq``): dK/dV programs that also hold a
+    # The fused backward (light calls, and dropout-only ones at D <= 64: ``fused_tiles``): dK/dV programs that also hold a
     # (BLOCK_M, D) float32 dQ tile per step, and the prefix-keys dQ kernel that adds their sum.
     # Per step a program loads Q and dO (4 * BLOCK_M * D bytes) and adds BLOCK_M * D float32
     # atomics for 10 * BLOCK_M * BLOCK_N * D FLOPs: traffic per FLOP falls with BLOCK_N only, so
@@ -431,14 +433,22 @@ _PREFIX_80 = {**_PREFIX, "16bit_heavy": {**_PREFIX["16bit_heavy"],
 # 64x32 at D = 128 (128x32 spills 32-40 B); dK/dV 16x64 w8 s3 at D = 64 (32x64 spills 88 B)
 # and 32x64 w8 s3 at D = 128 (244). sm_90: dQ 128x32 w8 s3 (164 / 228); dK/dV 32x128 w8 s3 at
 # D = 64 (228), 32x64 w8 s3 at D = 128 (254; 32x128 spills 24-36 B). D = 256 as heavy calls.
-# The dQ and dK/dV lists end with their heavy table's first entry.
+# The dQ and dK/dV lists end with their heavy table's first entry. The fused 5-product kernels
+# (dkdv_dq + dq_prefix) serve dropout-only calls at D <= 64, where a pipelined dK/dV tile still
+# holds the dQ tile spill-free (sm_90 32x128 w8 s3, 217 registers; sm_80 16x64 w8 s3, 254); at
+# D = 128 the pipelined ones spill 8-28 B (32x64 w8 s3, D = 80 / 96 too), so those calls keep
+# the separate pipelined dQ and dK/dV kernels (``fused_tiles``).
 _DROPOUT = {
+    "dkdv_dq": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)]},
+    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)]},
     "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(64, 32, 8, 3), _C(32, 32, 8, 2)],
            256: [_C(32, 32, 8, 1)]},
     "dkdv": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 8, 1)]},
 }
 _DROPOUT_90 = {
+    "dkdv_dq": {64: [_C(32, 128, 8, 3), _C(32, 64, 8, 3), _C(16, 64, 4, 1)]},
+    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)]},
     "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)],
            256: [_C(32, 32, 8, 1)]},
     "dkdv": {64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
@@ -454,7 +464,7 @@ _PREFIX_80["16bit_dropout"] = {**_PREFIX["16bit_dropout"],
 
 
 def _tables(light, heavy, fp32, prefix=_PREFIX, dropout=None):
-    # the fused kernels ("dkdv_dq", "dq_prefix") serve light calls only: no heavy table; a
+    # the fused kernels ("dkdv_dq", "dq_prefix") serve light and dropout calls: no heavy table; a
     # kernel without a "16bit_dropout" table runs dropout-only calls with its heavy one
     out = {k: {"16bit": light[k], "16bit_heavy": heavy.get(k, {}), "fp32": fp32[k]}
            for k in light}
@@ -584,10 +594,7 @@ def _prefix_grads(grad_out, grad_lse, q, out, lse, prefix_k, prefix_v, prefix_in
     b, hq, nq, d = q.shape
     t, hkv, p_len = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     dev, bd = q.device, flags["BLOCK_D"]
-    arch = 80  # the interpreter follows the sm_80 table
-    if dev.type == "cuda" and not INTERPRET:
-        major, minor = torch.cuda.get_device_capability(dev)
-        arch = major * 10 + minor
+    arch = table_arch_of(dev)
     bp = prefix_block(p_len, [c.block_n for c in candidates("dprefix", arch, q.dtype, bd,
                                                              table_class(flags))])
     n_pb = triton.cdiv(p_len, bp)
@@ -622,14 +629,34 @@ def deterministic_requested() -> bool:
         os.environ.get("PTKERNELS_DETERMINISTIC", "0") == "1"
 
 
-def uses_fused_dq(need_dq: bool, need_dk: bool, heavy: bool, nk: int, head_elems: int) -> bool:
+def table_arch_of(device) -> int:
+    """The compute capability whose tables a call on ``device`` uses (the interpreter and CPU
+    tensors follow the sm_80 tables)."""
+    if device.type == "cuda" and not INTERPRET:
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 80
+
+
+def fused_tiles(features: str, arch: int, dtype: torch.dtype, block_d: int) -> bool:
+    """Whether the fused dK/dV + dQ kernel has spill-free configurations for a call of table
+    class ``features``: every light call; dropout-only calls in 16-bit at the head dims their
+    table covers (D <= 64); never bias or softcap (no registers left for a dQ tile)."""
+    if features == "light":
+        return True
+    if features != "dropout" or dtype == torch.float32:
+        return False
+    return bool(candidates("dkdv_dq", arch, dtype, block_d, features))
+
+
+def uses_fused_dq(need_dq: bool, need_dk: bool, fusable: bool, nk: int, head_elems: int) -> bool:
     """Whether the sequence keys' dQ is fused into the dK/dV kernel (5 products per tile pair,
     dQ added with float32 atomics) rather than computed by the dQ kernel (7 products between the
-    two, no atomics). Fused: light calls (no bias, softcap, dropout: the heavy tiles have no
-    registers left for a dQ tile) that need both dQ and dK, with sequence keys, an accumulator
-    whose in-head offsets fit int32 (``head_elems`` = Nq * D < 2^31), and no determinism asked
-    for (``deterministic_requested``)."""
-    return (need_dq and need_dk and not heavy and nk > 0 and head_elems < 2 ** 31
+    two, no atomics). Fused: calls whose class has fused tiles (``fusable``: ``fused_tiles``) that
+    need both dQ and dK, with sequence keys, an accumulator whose in-head offsets fit int32
+    (``head_elems`` = Nq * D < 2^31), and no determinism asked for
+    (``deterministic_requested``)."""
+    return (need_dq and need_dk and fusable and nk > 0 and head_elems < 2 ** 31
             and not deterministic_requested())
 
 
@@ -698,8 +725,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
 
     prefix_args = (prefix_k if has_prefix else dummy, prefix_v if has_prefix else dummy,
                    prefix_index if mode == 3 else dummy)
-    fused = uses_fused_dq(need_dq, need_dk, bool(flags["HAS_BIAS"] or flags["HAS_SOFTCAP"]
-                                                 or flags["HAS_DROPOUT"]), nk, nq * d)
+    fusable = fused_tiles(table_class(flags), table_arch_of(dev), q.dtype, bd)
+    fused = uses_fused_dq(need_dq, need_dk, fusable, nk, nq * d)
     dqacc = torch.zeros((b, hq, nq, d), dtype=torch.float32, device=dev) if fused else dummy
 
     def run_dq(name, seq_keys):
@@ -768,7 +795,7 @@ _POINTERS = {"q_ptr": "DT", "k_ptr": "DT", "v_ptr": "DT", "pk_ptr": "DT", "pv_pt
 _PATH_FEATURES = {"dq": dict(SEQ_KEYS=True, DQ_ACC=False), "dkdv": dict(FUSE_DQ=False),
                   "dkdv_dq": dict(FUSE_DQ=True), "dq_prefix": dict(SEQ_KEYS=False, DQ_ACC=True),
                   "dprefix": {}}
-FUSED_KERNELS = ("dkdv_dq", "dq_prefix")  # light calls only (``uses_fused_dq``)
+FUSED_KERNELS = ("dkdv_dq", "dq_prefix")  # light and dropout-only calls (``fused_tiles``)
 
 
 # fp16 and bf16 share the 16-bit tables and their code differs only in conversions: the 16-bit
@@ -785,12 +812,12 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
         # each class's table with its features (fp32: one table, compiled heavy unless the
         # kernel is light-only); a dropout config the heavy table also lists is covered by the
         # heavy compile (more registers, same tiles)
+        has_dropout = "16bit_dropout" in _BWD[configs.table_arch(arch)][name]
         if name in FUSED_KERNELS:
-            classes = ("light",)
+            classes = ("light",) + (("dropout",) if has_dropout and dtype != torch.float32 else ())
         elif dtype == torch.float32:
             classes = ("heavy",)
         else:
-            has_dropout = "16bit_dropout" in _BWD[configs.table_arch(arch)][name]
             classes = ("heavy", "light") + (("dropout",) if has_dropout else ())
         heavy_cfgs = set()
         for bd, cls in [(bd, c) for bd in configs.HEAD_DIM_BUCKETS for c in classes]:
