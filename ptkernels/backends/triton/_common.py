@@ -95,6 +95,15 @@ def is_interpreting(device: torch.device) -> bool:
     return INTERPRET and torch.device(device).type == "cpu"
 
 
+def table_arch_of(device) -> int:
+    """The compute capability (major * 10 + minor) whose config tables a call on ``device``
+    uses; the interpreter and CPU tensors follow the sm_80 tables."""
+    if device.type == "cuda" and not INTERPRET:
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 80
+
+
 def launch_first_fitting(cache: dict, key, candidates, run):
     """Launch ``run(cfg)`` with the configuration cached for ``key``, else with the first of
     ``candidates`` (the tables list them best guess first) that the GPU can hold: a candidate

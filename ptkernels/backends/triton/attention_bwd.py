@@ -50,7 +50,8 @@ from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_
                                               aot_signature, alloc, block_d, cast_rounded,
                                               fp32_dots_mode,
                                               launch_first_fitting, load_tile, mma, prefix_mode,
-                                              prefix_of_row, round_to, strides, tanh)
+                                              prefix_of_row, round_to, strides,
+                                              table_arch_of, tanh)
 from ptkernels.backends.triton.configs import Config
 from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_tile_grads,
                                                             _sum_partials_kernel, prefix_block)
@@ -546,8 +547,7 @@ def _run(name: str, kernel, grid_fn, key: tuple, dtype, block_d: int, device, *a
     if INTERPRET or device.type != "cuda":
         cfg = INTERPRET_CONFIG
         return run(cfg if block_p is None else cfg._replace(block_n=block_p))
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = major * 10 + minor
+    arch = table_arch_of(device)
     launch_first_fitting(_CHOSEN, (name, arch, dtype, block_d, block_p) + key,
                          candidates(name, arch, dtype, block_d, table_class(kwargs), block_p),
                          run)
@@ -627,15 +627,6 @@ def deterministic_requested() -> bool:
     then avoids the float32 atomics of the fused dQ (bitwise-reproducible gradients)."""
     return torch.are_deterministic_algorithms_enabled() or \
         os.environ.get("PTKERNELS_DETERMINISTIC", "0") == "1"
-
-
-def table_arch_of(device) -> int:
-    """The compute capability whose tables a call on ``device`` uses (the interpreter and CPU
-    tensors follow the sm_80 tables)."""
-    if device.type == "cuda" and not INTERPRET:
-        major, minor = torch.cuda.get_device_capability(device)
-        return major * 10 + minor
-    return 80
 
 
 def fused_tiles(features: str, arch: int, dtype: torch.dtype, block_d: int) -> bool:

@@ -19,7 +19,7 @@ from ptkernels.backends.triton import configs
 from ptkernels.backends.triton._common import (INTERPRET, LN2, LOG2E, aot_shape_variants,
                                               aot_signature, block_d, fp32_dots_mode,
                                               launch_first_fitting, mma, prefix_mode, round_to,
-                                              strides, tanh)
+                                              strides, table_arch_of, tanh)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
 
 
@@ -250,8 +250,7 @@ def launch_with_config(kernel: str, launch: Launch, run, packed_rows: int | None
     its ``packed_rows`` (G * Nq), which pick the row block (``configs.decode_candidates``)."""
     if INTERPRET or launch.device.type != "cuda":
         return run(configs.INTERPRET[kernel])
-    major, minor = torch.cuda.get_device_capability(launch.device)
-    arch = major * 10 + minor
+    arch = table_arch_of(launch.device)
     cands = configs.candidates(kernel, arch, launch.dtype, launch.block_d,
                                feature_class(launch.flags))
     if packed_rows is not None:
