@@ -37,9 +37,9 @@ from ptkernels.backends import DECODE_MAX_NQ, DECODE_MIN_KEYS, is_decode_shape  
 from ptkernels.backends.triton._common import alloc, cast_rounded, prefix_of_row
 from ptkernels.backends.triton.attention_fwd_blocks import (Launch, aot_variants, attend_blocks,
                                                             bias_rows, finish_rows,
-                                                            interior_bounds, launch_with_config,
-                                                            sequence_bounds, start_query_block)
+                                                            launch_with_config, start_query_block)
 from ptkernels.backends.triton.decode import forward_decode
+from ptkernels.backends.triton.masks import interior_bounds, sequence_bounds
 
 
 @triton.jit

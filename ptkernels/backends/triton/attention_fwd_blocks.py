@@ -21,6 +21,7 @@ from ptkernels.backends.triton._common import (INTERPRET, LN2, LOG2E, aot_shape_
                                               launch_first_fitting, mma, prefix_mode, round_to,
                                               strides, table_arch_of, tanh)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
+from ptkernels.backends.triton.masks import mask_scores
 
 
 @triton.jit
@@ -90,9 +91,11 @@ def attend_blocks(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, 
             s = tl.where((keep_key != 0)[None, :], s, float("-inf"))
         if SPLIT:
             if (start < ilo) | (start >= ihi):  # a boundary block (a uniform branch)
-                s = mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ, CAUSAL, HAS_WINDOW)
+                s = mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ, CAUSAL,
+                                HAS_WINDOW, False)
         else:
-            s = mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ, CAUSAL, HAS_WINDOW)
+            s = mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ, CAUSAL, HAS_WINDOW,
+                            False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys (or -inf biases) keeps m = -inf: use 0 as its base
         # so that exp2(-inf - base) = 0 instead of NaN.
@@ -110,58 +113,6 @@ def attend_blocks(acc, m_i, l_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, 
         acc = mma(round_to(p, DT, FP32_DOTS), v, acc * alpha[:, None], FP32_DOTS)
         m_i = m_new
     return acc, m_i, l_i
-
-
-@triton.jit
-def sequence_bounds(m0, Nk, q_off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Sequence keys [lo, hi) that rows [m0, m0 + BLOCK_M) may see (lo a multiple of BLOCK_N)."""
-    hi = Nk
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(Nk, m0 + BLOCK_M + q_off), 0)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 + q_off - window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    return lo, hi
-
-
-@triton.jit
-def mask_scores(s, cols, col_ok, rows, q_off, window, IS_SEQ: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr):
-    """Scores (BLOCK_M, BLOCK_N) with -inf at the tail keys (col_ok False) and, in the sequence,
-    at the keys the causal diagonal or the window hides from a row."""
-    valid = col_ok[None, :]
-    if IS_SEQ:
-        qpos = rows[:, None] + q_off
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= qpos)
-        if HAS_WINDOW:
-            valid = valid & (qpos - cols[None, :] < window)
-    return tl.where(valid, s, float("-inf"))
-
-
-@triton.jit
-def interior_bounds(lo, hi, m0, Nk, q_off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """The interior [ilo, ihi) of the sequence keys [lo, hi) (``sequence_bounds``) of rows
-    [m0, m0 + BLOCK_M): whole key blocks (ilo a multiple of BLOCK_N past lo) that hold no tail
-    key (past Nk), lie entirely below the causal diagonal of the block's first row and entirely
-    inside the window of its last row, so every row sees every key of them. lo <= ilo <= ihi
-    <= hi; [lo, ilo) is the window edge band and [ihi, hi) the diagonal band and the tail, both
-    masked."""
-    ihi = (Nk // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        # key j is visible to every row iff j <= m0 + q_off (the first row's diagonal)
-        ihi = tl.minimum(ihi, (tl.maximum(m0 + q_off + 1, 0) // BLOCK_N) * BLOCK_N)
-    ilo = lo
-    if HAS_WINDOW:
-        # ... and iff j > (m0 + BLOCK_M - 1 + q_off) - window (the last row's window edge)
-        edge = tl.maximum(m0 + BLOCK_M + q_off - window, 0)
-        ilo = tl.maximum(ilo, ((edge + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
-    ilo = tl.minimum(ilo, hi)
-    ihi = tl.minimum(tl.maximum(ihi, ilo), hi)
-    return ilo, ihi
 
 
 @triton.jit
