@@ -22,7 +22,10 @@ from ptkernels.backends import eager
 op = importlib.import_module("ptkernels.ops.prefix_attention")
 
 pytest.importorskip("numpy")  # the interpreter needs it
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 tbwd = pytest.importorskip("ptkernels.backends.triton.attention_bwd")
+from ptkernels.backends.triton import masks  # noqa: E402
 from ptkernels.backends.triton.dropout import dropout_keep_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,6 +180,74 @@ def test_small_tiles_and_block_skipping(monkeypatch):
         check_bwd(Case(nq=45, nk=71, p=3, causal=True, hq=2, hkv=1), torch.float32)
         check_bwd(Case(nq=77, nk=41, p=3, causal=True), torch.float32)
     check_bwd(Case(nq=45, nk=30, p=20, window=7, form="bank", b=3, t=2), torch.float32)
+
+
+# Masks only on boundary tiles (masks.py, ``peels_masks``: light and dropout-only calls at head
+# dims <= 64 without a window). With 16x16 tiles every kind of tile occurs in one call: interior
+# tiles (with the padding mask and dropout applied there), the causal diagonal band (Nq < Nk and
+# Nq > Nk put it off the tile grid), the key tail (Nk = 75, 35) and the prefix tail (P = 20, 7),
+# for the key side (dK/dV, fused dQ) and the query side (the separate dQ kernel:
+# PTKERNELS_DETERMINISTIC=1); and the calls that mask every tile (a window, a bias, softcap).
+BOUNDARY_CASES = [
+    Case(nq=40, nk=75, p=20, causal=True, padding="left", hq=2, hkv=1),
+    Case(nq=50, nk=35, p=7, causal=True, form="bank", b=2, t=2),
+    Case(nq=40, nk=75, p=20, padding="right"),
+    Case(nq=40, nk=75, p=20, causal=True, window=30, hq=2, hkv=1),
+    Case(nq=33, nk=64, p=32, causal=True, softcap=4.0, bias="full", padding="right"),
+]
+TILES_16 = tbwd.Config(16, 16, 4, 1)
+
+
+def test_peeling_rule():
+    assert tbwd.peels_masks("light", 64, False) and tbwd.peels_masks("dropout", 32, False)
+    assert not tbwd.peels_masks("light", 128, False)   # the second loop spills there
+    assert not tbwd.peels_masks("heavy", 64, False)
+    assert not tbwd.peels_masks("light", 64, True)     # a window masks every block
+
+
+@pytest.mark.parametrize("det", ["0", "1"], ids=["fused", "separate"])
+@pytest.mark.parametrize("case", BOUNDARY_CASES, ids=Case.id)
+def test_interior_and_boundary_tiles(case, det, monkeypatch):
+    monkeypatch.setattr(tbwd, "INTERPRET_CONFIG", TILES_16)
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", det)
+    check_bwd(case, torch.float32)
+
+
+def test_interior_tiles_with_dropout(monkeypatch):
+    monkeypatch.setattr(tbwd, "INTERPRET_CONFIG", TILES_16)
+    case = Case(nq=40, nk=75, p=20, dropout_p=0.2, causal=True, padding="left", hq=2, hkv=1)
+    check_against_reference(case, torch.float32, backend="triton", device=DEVICE, seed=15,
+                            dropout_mask_fn=dropout_keep_mask)
+
+
+# Interiors one tile (16) too wide: a diagonal-band tile loses its mask.
+@triton.jit
+def _query_side_early(lo, hi, n0, Nk, q_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr):
+    ilo = masks.interior_query_start(lo, hi, n0, Nk, q_off, BLOCK_M, BLOCK_N, CAUSAL)
+    return tl.maximum(ilo - 16, lo)
+
+
+@triton.jit
+def _key_side_late(lo, hi, m0, Nk, q_off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    ilo, ihi = masks.interior_bounds(lo, hi, m0, Nk, q_off, window, BLOCK_M, BLOCK_N, CAUSAL,
+                                     HAS_WINDOW)
+    return ilo, tl.minimum(ihi + 16, hi)
+
+
+@pytest.mark.parametrize("name,det,planted", [
+    ("interior_query_start", "0", _query_side_early),   # dK/dV (fused dQ)
+    ("interior_query_start", "1", _query_side_early),   # dK/dV
+    ("interior_bounds", "1", _key_side_late),           # the dQ kernel
+], ids=["key-blocks-fused", "key-blocks", "query-blocks"])
+def test_planted_interior_off_by_one_tile_is_caught(name, det, planted, monkeypatch):
+    """The boundary tests can fail: an interior one tile too wide is reported."""
+    monkeypatch.setattr(tbwd, "INTERPRET_CONFIG", TILES_16)
+    monkeypatch.setenv("PTKERNELS_DETERMINISTIC", det)
+    monkeypatch.setattr(tbwd, name, planted)
+    with pytest.raises(AssertionError, match="error"):
+        check_bwd(BOUNDARY_CASES[0], torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +547,8 @@ def test_table_class():
 def test_aot_specs_cover_every_candidate(arch):
     """tests/test_triton_aot.py compiles AOT_SPECS: every configuration the backward may pick
     must be among them, with the heaviest feature set of its table (light: no bias, softcap,
-    dropout) and the head dim specialized as at runtime."""
+    dropout), the head dim specialized as at runtime, and the loop structure the host picks
+    (``peels_masks``): without a window and, for the kernels with a sequence loop, with one."""
     from ptkernels.backends.triton import configs
 
     specs = {s["name"].removeprefix("attention_bwd_"): s for s in tbwd.AOT_SPECS}
@@ -484,8 +556,14 @@ def test_aot_specs_cover_every_candidate(arch):
                           "dprefix_sum"}
     for kernel in ("dq", "dkdv", "dkdv_dq", "dq_prefix", "dprefix"):
         light_only = kernel in tbwd.FUSED_KERNELS
+        variants = specs[kernel]["variants"](arch)
         compiled = {(v["label"].split()[0], v["label"].split()[1], v["config"], v["features"])
-                    for v in specs[kernel]["variants"](arch)}
+                    for v in variants}
+        if kernel in tbwd.WINDOW_KERNELS:   # every compile also with a window
+            plain = {(v["label"], v["config"]) for v in variants if "shape" not in v
+                     and not v["label"].endswith(" window")}
+            assert plain == {(v["label"].removesuffix(" window"), v["config"]) for v in variants
+                             if v["label"].endswith(" window")}
         for v in specs[kernel]["variants"](arch):
             cx = v["constexprs"]
             # compiled with exactly its class's bias / softcap / dropout flags
@@ -494,7 +572,11 @@ def test_aot_specs_cover_every_candidate(arch):
             assert cx["D"] == cx["BLOCK_D"] or "shape" in v
             # every mask / prefix feature the kernel has is on
             assert cx.get("PREFIX_MODE", 3) == 3
-            assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_WINDOW", "HAS_KPM"))
+            assert all(cx.get(f, True) for f in ("CAUSAL", "HAS_KPM"))
+            window = v["label"].endswith(" window")
+            assert cx.get("HAS_WINDOW", window) == window
+            if "PEEL" in cx:
+                assert cx["PEEL"] == tbwd.peels_masks(v["features"], cx["BLOCK_D"], window)
             # and the path's own constexprs are those the host passes for that kernel name
             assert cx.get("FUSE_DQ", kernel == "dkdv_dq") == (kernel == "dkdv_dq")
             assert cx.get("SEQ_KEYS", kernel != "dq_prefix") == (kernel != "dq_prefix")
@@ -514,7 +596,10 @@ def test_aot_specs_cover_every_candidate(arch):
                         elif dtype == torch.float32:
                             want = ("heavy",)
                         else:   # a dropout config may be covered by the heavy compile
-                            want = {"light": ("light",), "dropout": ("dropout", "heavy"),
+                            same_loops = tbwd.peels_masks("dropout", bd, False) == \
+                                tbwd.peels_masks("heavy", bd, False)
+                            want = {"light": ("light",),
+                                    "dropout": ("dropout", "heavy") if same_loops else ("dropout",),
                                     "heavy": ("heavy",)}[cls]
                         keys = [(configs.aot_dtype(dtype), f"d{bd}", str(cfg), w) for w in want]
                         assert any(k in compiled for k in keys), \

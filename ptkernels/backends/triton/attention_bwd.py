@@ -56,6 +56,8 @@ from ptkernels.backends.triton.configs import Config
 from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_tile_grads,
                                                             _sum_partials_kernel, prefix_block)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
+from ptkernels.backends.triton.masks import (interior_bounds, interior_query_start, mask_scores,
+                                            query_bounds, sequence_bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,54 +91,57 @@ def _bwd_preprocess_kernel(o_ptr, do_ptr, glse_ptr, delta_ptr,
 
 
 @triton.jit
-def _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
-                   s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpm,
-                   n0, offs_m, row_ok, b, h, Hq, Nseg, D: tl.constexpr, diag_off, window,
-                   scale, softcap, dropout_p, seed, col0,
-                   HAS_KPM: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   FP32_DOTS: tl.constexpr):
-    """dQ contribution of the key block [n0, n0 + BLOCK_N) of one segment (prefix: col0 = 0,
-    sequence: col0 = P). q, do (BM, BLOCK_D) tiles; lse2 = lse * log2(e) (+inf on empty rows),
-    delta (BM,)."""
+def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
+               s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpm,
+               lo, hi, offs_m, row_ok, b, h, Hq, Nseg, D: tl.constexpr, diag_off,
+               window, scale, softcap, dropout_p, seed, col0, MASKED: tl.constexpr,
+               HAS_KPM: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               FP32_DOTS: tl.constexpr):
+    """dQ contribution of the key blocks starting in [lo, hi) (steps of BLOCK_N) of one segment
+    (prefix: col0 = 0, sequence: col0 = P). q, do (BM, BLOCK_D) tiles; lse2 = lse * log2(e)
+    (+inf on empty rows and rows past Nq: their probabilities are exactly 0), delta (BM,).
+    MASKED: boundary blocks (the tail, the causal diagonal band or the window edge band,
+    ``masks.py``), whose scores get the mask; without it interior ones (every key visible to
+    every row), which skip it. Separate loops, not a branch in one: the branch (an scf.if
+    around the mask) costs the pipelined tiles 40-50 registers and spills (the AOT check)."""
     DT: tl.constexpr = k_base.dtype.element_ty
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_seg = offs_n < Nseg
-    nd = in_seg[:, None] & (offs_d[None, :] < D)
-    k = load_tile(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, nd, FP32_DOTS)
-    v = load_tile(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, nd, FP32_DOTS)
-    col_valid = in_seg
-    if HAS_KPM:
-        col_valid = col_valid & (tl.load(kpm_base + offs_n * s_kpm, mask=in_seg, other=0) != 0)
-
-    s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
-    # base 2 (log2(e) folded into the scale, lse2 = lse * log2(e)): one exp2 per score
-    if HAS_SOFTCAP:
-        t = tanh(s * (scale / softcap))
-        s = (softcap * LOG2E) * t
-    else:
-        s = s * (scale * LOG2E)
-    if HAS_BIAS:
-        bias = tl.load(bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                       mask=row_ok[:, None] & in_seg[None, :], other=0.0).to(tl.float32)
-        s = s + bias * LOG2E
-    visible = row_ok[:, None] & col_valid[None, :]
-    if MASK_CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag_off)
-    if MASK_WINDOW:
-        visible = visible & (offs_m[:, None] + diag_off - offs_n[None, :] < window)
-    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, b * Hq + h, offs_m, col0, n0, dropout_p, BLOCK_N)
-        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-    ds = p * (dp - delta[:, None])
-    if HAS_SOFTCAP:
-        ds = ds * (1.0 - t * t)
-    ds = ds * scale
-    return mma(round_to(ds, DT, FP32_DOTS), k, dq, FP32_DOTS)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_seg = offs_n < Nseg
+        nd = in_seg[:, None] & (offs_d[None, :] < D)
+        k = load_tile(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, nd, FP32_DOTS)
+        v = load_tile(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, nd, FP32_DOTS)
+        s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
+        # base 2 (log2(e) folded into the scale, lse2 = lse * log2(e)): one exp2 per score
+        if HAS_SOFTCAP:
+            t = tanh(s * (scale / softcap))
+            s = (softcap * LOG2E) * t
+        else:
+            s = s * (scale * LOG2E)
+        if HAS_BIAS:
+            bias = tl.load(bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
+                           mask=row_ok[:, None] & in_seg[None, :], other=0.0).to(tl.float32)
+            s = s + bias * LOG2E
+        if HAS_KPM:  # every block: no bound expresses the padding
+            keep_key = tl.load(kpm_base + offs_n * s_kpm, mask=in_seg, other=0) != 0
+            s = tl.where(keep_key[None, :], s, float("-inf"))
+        if MASKED:
+            s = mask_scores(s, offs_n, in_seg, offs_m, diag_off, window, True, MASK_CAUSAL,
+                            MASK_WINDOW, False)
+        p = tl.exp2(s - lse2[:, None])
+        dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, b * Hq + h, offs_m, col0, n0, dropout_p, BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dq = mma(round_to(ds, DT, FP32_DOTS), k, dq, FP32_DOTS)
+    return dq
 
 
 @triton.jit
@@ -153,7 +158,7 @@ def _bwd_dq_kernel(
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_DROPOUT: tl.constexpr,
-        SEQ_KEYS: tl.constexpr, DQ_ACC: tl.constexpr,
+        SEQ_KEYS: tl.constexpr, DQ_ACC: tl.constexpr, PEEL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         FP32_DOTS: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M) * B * Hq,). dq (B, Hq, Nq, D) in q's dtype.
@@ -161,7 +166,8 @@ def _bwd_dq_kernel(
     SEQ_KEYS: loop over the sequence keys too (the 7-product path); without it only the prefix
     keys (the fused path, whose dK/dV kernel added the sequence part). DQ_ACC: add the float32
     accumulator dqacc (B, Hq, Nq, D) contiguous, which the fused dK/dV kernel filled, before the
-    single cast and store."""
+    single cast and store. PEEL (``peels_masks``): the sequence loop in two, the interior
+    unmasked; else one loop, every block masked."""
     n_mb = tl.cdiv(Nq, BLOCK_M)
     pid_m = tl.program_id(0) % n_mb
     bh = tl.program_id(0) // n_mb
@@ -189,34 +195,47 @@ def _bwd_dq_kernel(
         t = prefix_of_row(pidx_ptr, b64, PREFIX_MODE)
         pk_base = pk_ptr + t * s_pkt + hk * s_pkh
         pv_base = pv_ptr + t * s_pvt + hk * s_pvh
-        for n0 in range(0, P, BLOCK_N):
-            dq = _dq_block_step(dq, q, do, lse2, delta, pk_base, pv_base, bias_base, kpm_ptr,
-                                s_pkn, s_pkd, s_pvn, s_pvd, s_bm, s_bn, 0,
-                                n0, offs_m, row_ok, b, h, Hq, P, D, 0, 0,
-                                scale, softcap, dropout_p, seed, 0,
-                                False, False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
-                                BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+        p_whole = (P // BLOCK_N) * BLOCK_N  # blocks past it hold the prefix tail
+        dq = _dq_blocks(dq, q, do, lse2, delta, pk_base, pv_base, bias_base, kpm_ptr,
+                        s_pkn, s_pkd, s_pvn, s_pvd, s_bm, s_bn, 0,
+                        0, P, offs_m, row_ok, b, h, Hq, P, D, 0, 0,
+                        scale, softcap, dropout_p, seed, 0, True,
+                        False, False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                        BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
 
     if SEQ_KEYS:
-        # Sequence keys this query block can see: bottom-right causal j <= i + (Nk - Nq); window
-        # (i + Nk - Nq) - j < window. Blocks outside [n_lo, n_hi) are skipped.
+        # Sequence keys this query block can see (bottom-right causal j <= i + (Nk - Nq); window
+        # (i + Nk - Nq) - j < window): blocks outside [n_lo, n_hi) are skipped; with PEEL (no
+        # window) those below n_ihi are interior (unmasked).
         diag_off = Nk - Nq
-        n_hi = Nk
-        if CAUSAL:
-            n_hi = tl.minimum(n_hi, m0 + BLOCK_M + diag_off)
-        n_lo = 0
-        if HAS_WINDOW:
-            n_lo = tl.maximum(m0 + diag_off - window + 1, 0)
-            n_lo = (n_lo // BLOCK_N) * BLOCK_N
+        n_lo, n_hi = sequence_bounds(m0, Nk, diag_off, window, BLOCK_M, BLOCK_N, CAUSAL,
+                                     HAS_WINDOW)
         k_base = k_ptr + b64 * s_kb + hk * s_kh
         v_base = v_ptr + b64 * s_vb + hk * s_vh
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            dq = _dq_block_step(dq, q, do, lse2, delta, k_base, v_base, bias_base + P * s_bn,
-                                kpm_ptr + b64 * s_kpmb, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn,
-                                s_kpmn, n0, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
-                                scale, softcap, dropout_p, seed, P,
-                                HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
-                                BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+        sb_base = bias_base + P * s_bn
+        kpm_base = kpm_ptr + b64 * s_kpmb
+        if not PEEL:  # every block masked
+            dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, sb_base, kpm_base,
+                            s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpmn,
+                            n_lo, n_hi, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
+                            scale, softcap, dropout_p, seed, P, True,
+                            HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                            BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+        else:  # the interior, then the causal diagonal band and the tail
+            n_ihi = interior_bounds(n_lo, n_hi, m0, Nk, diag_off, window, BLOCK_M, BLOCK_N,
+                                    CAUSAL, False)[1]
+            dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, sb_base, kpm_base,
+                            s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpmn,
+                            n_lo, n_ihi, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
+                            scale, softcap, dropout_p, seed, P, False,
+                            HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                            BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+            dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, sb_base, kpm_base,
+                            s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, s_kpmn,
+                            n_ihi, n_hi, offs_m, row_ok, b, h, Hq, Nk, D, diag_off, window,
+                            scale, softcap, dropout_p, seed, P, True,
+                            HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+                            BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     if DQ_ACC:  # loaded after the loop: the accumulator tile is not held through it
         dq += tl.load(dqacc_ptr + (b64 * Hq + h) * Nq * D
                       + (offs_m[:, None] * D + offs_d[None, :]), mask=md, other=0.0)
@@ -225,43 +244,47 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _key_block_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
-                    s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
-                    m0, offs_n, col_valid, b, h, Hq, Nq, D: tl.constexpr, diag_off, window,
-                    scale, softcap, dropout_p, seed, n0, col0,
-                    MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, FUSE_DQ: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    FP32_DOTS: tl.constexpr):
-    """dK/dV contributions of the query block [m0, m0 + BLOCK_M) of head (b, h) to one sequence
-    key block (``_key_tile_grads`` after loading the query tiles, lse and delta). FUSE_DQ: also
-    this tile pair's dQ = dS K, added with float32 atomics to the (Nq, D) accumulator of the head
-    at ``dqacc_base`` (the FA2 structure: 5 products per tile pair instead of the 7 of separate
-    dQ and dK/dV kernels, which both recompute S and dP)."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Nq
-    md = row_ok[:, None] & (offs_d[None, :] < D)
-    q = load_tile(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
-    do = load_tile(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md, FP32_DOTS)
-    # Rows past Nq or that see no key (lse == -inf) get lse = +inf: probability exactly 0.
-    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+def _key_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
+                s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
+                lo, hi, offs_n, col_ok, key_keep, b, h, Hq, Nq, D: tl.constexpr,
+                diag_off, window, scale, softcap, dropout_p, seed, n0, col0,
+                MASKED: tl.constexpr, HAS_KPM: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+                MASK_WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+                FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, FP32_DOTS: tl.constexpr):
+    """dK/dV contributions of the query blocks starting in [lo, hi) (steps of BLOCK_M) of head
+    (b, h) to one sequence key block (``_key_tile_grads`` after loading the query tiles, lse and
+    delta); MASKED as in ``_dq_blocks``. FUSE_DQ: also each tile pair's dQ = dS K, added with
+    float32 atomics to the (Nq, D) accumulator of the head at ``dqacc_base`` (the FA2 structure:
+    5 products per tile pair instead of the 7 of separate dQ and dK/dV kernels, which both
+    recompute S and dP)."""
     DT: tl.constexpr = q_base.dtype.element_ty
-    dk, dv, ds = _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
-                                 offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
-                                 scale, softcap, dropout_p, seed, n0, col0,
-                                 MASK_CAUSAL, MASK_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
-                                 NEED_DK, NEED_DV, DT, BLOCK_M, BLOCK_N, FP32_DOTS)
-    if FUSE_DQ:
-        # In-head offsets fit int32 (the host fuses only when Nq * D < 2^31); relaxed atomics:
-        # only the final sum is read, by the next kernel.
-        dq = mma(tl.trans(round_to(ds, DT, FP32_DOTS)), k,
-                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), FP32_DOTS)
-        tl.atomic_add(dqacc_base + (offs_m[:, None] * D + offs_d[None, :]), dq, mask=md,
-                      sem="relaxed")
+    offs_d = tl.arange(0, BLOCK_D)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Nq
+        md = row_ok[:, None] & (offs_d[None, :] < D)
+        q = load_tile(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
+        do = load_tile(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md,
+                       FP32_DOTS)
+        # Rows past Nq or that see no key (lse == -inf) get lse = +inf: probability exactly 0.
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dk, dv, ds = _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
+                                     offs_m, row_ok, offs_n, col_ok, key_keep, b, h, Hq,
+                                     diag_off, window, scale, softcap, dropout_p, seed, n0, col0,
+                                     MASKED, HAS_KPM, MASK_CAUSAL, MASK_WINDOW, HAS_BIAS,
+                                     HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV, DT, BLOCK_M,
+                                     BLOCK_N, FP32_DOTS)
+        if FUSE_DQ:
+            # In-head offsets fit int32 (the host fuses only when Nq * D < 2^31); relaxed
+            # atomics: only the final sum is read, by the next kernel.
+            dq = mma(tl.trans(round_to(ds, DT, FP32_DOTS)), k,
+                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32), FP32_DOTS)
+            tl.atomic_add(dqacc_base + (offs_m[:, None] * D + offs_d[None, :]), dq, mask=md,
+                          sem="relaxed")
     return dk, dv
 
 
@@ -275,12 +298,12 @@ def _bwd_dkdv_kernel(
         Hq, Hkv, Nq, Nk, P, window, scale, softcap, dropout_p, seed,
         D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, FUSE_DQ: tl.constexpr,
+        NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, FUSE_DQ: tl.constexpr, PEEL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         FP32_DOTS: tl.constexpr):
     """Grid (cdiv(Nk, BLOCK_N) * B * Hkv,). dk, dv (B, Hkv, Nk, D) in k's / v's dtype; with
     FUSE_DQ (needs NEED_DK) also the sequence keys' dQ into dqacc (B, Hq, Nq, D) float32,
-    zero-filled by the host."""
+    zero-filled by the host. PEEL as in ``_bwd_dq_kernel``."""
     n_nb = tl.cdiv(Nk, BLOCK_N)
     pid_n = tl.program_id(0) % n_nb
     bhk = tl.program_id(0) // n_nb
@@ -297,22 +320,17 @@ def _bwd_dkdv_kernel(
               nd, FP32_DOTS)
     v = load_tile(v_ptr + b64 * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
               nd, FP32_DOTS)
-    col_valid = in_seg
+    key_keep = in_seg  # unused without a key padding mask
     if HAS_KPM:
-        col_valid = col_valid & (tl.load(kpm_ptr + b64 * s_kpmb + offs_n * s_kpmn, mask=in_seg,
-                                         other=0) != 0)
+        key_keep = tl.load(kpm_ptr + b64 * s_kpmb + offs_n * s_kpmn, mask=in_seg, other=0) != 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Queries that can see this key block: causal i >= j - (Nk - Nq); window
-    # i < j + window - (Nk - Nq). Query blocks outside [m_lo, m_hi) are skipped.
+    # Queries that can see this key block (causal i >= j - (Nk - Nq); window
+    # i < j + window - (Nk - Nq)): query blocks outside [m_lo, m_hi) are skipped; with PEEL (no
+    # window) those from m_ilo on are interior (unmasked).
     diag_off = Nk - Nq
-    m_lo = 0
-    if CAUSAL:
-        m_lo = tl.maximum(n0 - diag_off, 0)
-        m_lo = (m_lo // BLOCK_M) * BLOCK_M
-    m_hi = Nq
-    if HAS_WINDOW:
-        m_hi = tl.minimum(m_hi, n0 + BLOCK_N - 1 + window - diag_off)
+    m_lo, m_hi = query_bounds(n0, Nq, diag_off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    m_ilo = interior_query_start(m_lo, m_hi, n0, Nk, diag_off, BLOCK_M, BLOCK_N, CAUSAL)
     for g in range(0, G):
         h = hk * G + g
         q_base = q_ptr + b64 * s_qb + h * s_qh
@@ -321,13 +339,28 @@ def _bwd_dkdv_kernel(
         delta_base = delta_ptr + (b64 * Hq + h) * Nq
         bias_base = bias_ptr + b64 * s_bb + h * s_bh + P * s_bn
         dqacc_base = dqacc_ptr + (b64 * Hq + h) * Nq * D
-        for m0 in range(m_lo, m_hi, BLOCK_M):
-            dk, dv = _key_block_step(
+        if not PEEL:  # every block masked
+            dk, dv = _key_blocks(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
                 s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
-                m0, offs_n, col_valid, b, h, Hq, Nq, D, diag_off, window,
-                scale, softcap, dropout_p, seed, n0, P,
-                CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
+                m_lo, m_hi, offs_n, in_seg, key_keep, b, h, Hq, Nq, D,
+                diag_off, window, scale, softcap, dropout_p, seed, n0, P, True,
+                HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
+                FUSE_DQ, BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+        else:  # the causal diagonal band (all of a tail key block's), then the interior
+            dk, dv = _key_blocks(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
+                s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
+                m_lo, m_ilo, offs_n, in_seg, key_keep, b, h, Hq, Nq, D,
+                diag_off, window, scale, softcap, dropout_p, seed, n0, P, True,
+                HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
+                FUSE_DQ, BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
+            dk, dv = _key_blocks(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, dqacc_base,
+                s_qm, s_qd, s_dom, s_dod, s_bm, s_bn,
+                m_ilo, m_hi, offs_n, in_seg, key_keep, b, h, Hq, Nq, D,
+                diag_off, window, scale, softcap, dropout_p, seed, n0, P, False,
+                HAS_KPM, CAUSAL, HAS_WINDOW, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
                 FUSE_DQ, BLOCK_M, BLOCK_N, BLOCK_D, FP32_DOTS)
     out_off = b64 * s_gb + hk * s_gh + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd
     if NEED_DK:
@@ -383,9 +416,10 @@ _LIGHT = {
     # (BLOCK_M, D) float32 dQ tile per step, and the prefix-keys dQ kernel that adds their sum.
     # Per step a program loads Q and dO (4 * BLOCK_M * D bytes) and adds BLOCK_M * D float32
     # atomics for 10 * BLOCK_M * BLOCK_N * D FLOPs: traffic per FLOP falls with BLOCK_N only, so
-    # the widest key block that compiles spill-free comes first (d64: 32x128 w8 s2, 228
-    # registers; 64x64 w8 s3 spills 84 B; d128: 32x128 spills 208 B on sm_80, 32x64 does not).
-    "dkdv_dq": {64: [_C(32, 128, 8, 2), _C(32, 64, 8, 3), _C(16, 64, 4, 1)],
+    # the widest key block that compiles spill-free comes first (d64: 32x128 w8 s2, 254
+    # registers with the peeled loop, ``peels_masks``; 64x64 w8 s3 spills 84 B and, peeled,
+    # 32x64 w8 s3 64 B; d128: 32x128 spills 208 B on sm_80, 32x64 does not).
+    "dkdv_dq": {64: [_C(32, 128, 8, 2), _C(16, 64, 4, 1)],
                 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
                 256: [_C(16, 32, 8, 1), _C(16, 16, 4, 1), _C(16, 16, 8, 1)]},
     "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)],
@@ -433,8 +467,11 @@ _PREFIX_80 = {**_PREFIX, "16bit_heavy": {**_PREFIX["16bit_heavy"],
 # feature and all gradients on). sm_80 / sm_86: dQ 128x32 w8 s3 at D = 64 (255 registers) but
 # 64x32 at D = 128 (128x32 spills 32-40 B); dK/dV 16x64 w8 s3 at D = 64 (32x64 spills 88 B)
 # and 32x64 w8 s3 at D = 128 (244). sm_90: dQ 128x32 w8 s3 (164 / 228); dK/dV 32x128 w8 s3 at
-# D = 64 (228), 32x64 w8 s3 at D = 128 (254; 32x128 spills 24-36 B). D = 256 as heavy calls.
-# The dQ and dK/dV lists end with their heavy table's first entry. The fused 5-product kernels
+# D = 64 (228), 32x64 w8 s2 at D = 128 (3 stages spill 8 B at D = 80 with odd lengths and MHA
+# heads without a window, the compile that most calls run; 32x128 spills 24-36 B). D = 256 as
+# heavy calls.
+# The dQ and dK/dV lists end with their heavy table's first tiles (sm_80 / sm_86 dQ at D = 64
+# with 8 warps instead of 4, which spill 4 B with the peeled loop, ``peels_masks``). The fused 5-product kernels
 # (dkdv_dq + dq_prefix) serve dropout-only calls at D <= 64, where a pipelined dK/dV tile still
 # holds the dQ tile spill-free (sm_90 32x128 w8 s3, 217 registers; sm_80 16x64 w8 s3, 254); at
 # D = 128 the pipelined ones spill 8-28 B (32x64 w8 s3, D = 80 / 96 too), so those calls keep
@@ -442,7 +479,7 @@ _PREFIX_80 = {**_PREFIX, "16bit_heavy": {**_PREFIX["16bit_heavy"],
 _DROPOUT = {
     "dkdv_dq": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)]},
     "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)]},
-    "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(64, 32, 8, 3), _C(32, 32, 8, 2)],
+    "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)], 128: [_C(64, 32, 8, 3), _C(32, 32, 8, 2)],
            256: [_C(32, 32, 8, 1)]},
     "dkdv": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 8, 1)]},
@@ -452,7 +489,7 @@ _DROPOUT_90 = {
     "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)]},
     "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)],
            256: [_C(32, 32, 8, 1)]},
-    "dkdv": {64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
+    "dkdv": {64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 2), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 8, 1)]},
 }
 # Prefix gradients of dropout-only calls: one configuration per prefix block, as the light and
@@ -651,6 +688,21 @@ def uses_fused_dq(need_dq: bool, need_dk: bool, fusable: bool, nk: int, head_ele
             and not deterministic_requested())
 
 
+def peels_masks(features: str, block_d: int, has_window: bool) -> bool:
+    """Whether the dQ and dK/dV kernels split their sequence loop in an unmasked interior and a
+    masked band (causal diagonal, tails; ``masks.py``), FlashAttention-2's peeling, instead of
+    masking every block: light and dropout-only calls at head dims <= 64, without a window.
+
+    Measured with the AOT compile (tests/test_triton_aot.py), not guessed: a second pipelined
+    loop costs the tiles 40-60 registers. At BLOCK_D = 64 the light and dropout tiles absorb it
+    (sm_90 dK/dV 32x128 w8 s3: 214 registers peeled; sm_80 dQ 128x32 w8 s3: 182); at 128 every
+    pipelined dQ / dK/dV tile of sm_80 and the dK/dV tiles of sm_90 then spill (12-128 B), and
+    so do the heavy tiles (bias, soft-capping) at 64. A branch around the mask inside one loop
+    instead of a second loop costs as much (dQ 128x32 at D = 128: 96 B of spills). With a
+    window the edge band would need a third loop: every block stays masked."""
+    return features != "heavy" and block_d <= 64 and not has_window
+
+
 def backward_path() -> str:
     """What a light full backward runs now (``ptkernels info``)."""
     if deterministic_requested():
@@ -719,6 +771,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
     fusable = fused_tiles(table_class(flags), table_arch_of(dev), q.dtype, bd)
     fused = uses_fused_dq(need_dq, need_dk, fusable, nk, nq * d)
     dqacc = torch.zeros((b, hq, nq, d), dtype=torch.float32, device=dev) if fused else dummy
+    peel = peels_masks(table_class(flags), bd, window > 0)
 
     def run_dq(name, seq_keys):
         _run(name, _bwd_dq_kernel, lambda c: (triton.cdiv(nq, c.block_m) * b * hq,),
@@ -729,7 +782,8 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
              *grad_out.stride(), *dq.stride(),
              hq, hkv, nq, nk, p_len, **opts,
              PREFIX_MODE=mode, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-             HAS_KPM=kpm is not None, SEQ_KEYS=seq_keys, DQ_ACC=not seq_keys, **flags)
+             HAS_KPM=kpm is not None, SEQ_KEYS=seq_keys, DQ_ACC=not seq_keys, PEEL=peel,
+             **flags)
 
     if need_dq and not fused:
         run_dq("dq", seq_keys=True)
@@ -745,7 +799,7 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
              *grad_out.stride(), *like.stride(),
              hq, hkv, nq, nk, p_len, **opts,
              CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_KPM=kpm is not None,
-             NEED_DK=need_dk, NEED_DV=need_dv, FUSE_DQ=fused, **flags)
+             NEED_DK=need_dk, NEED_DV=need_dv, FUSE_DQ=fused, PEEL=peel, **flags)
     elif need_dk or need_dv:  # Nk == 0: empty gradients, nothing to write
         dk.zero_()
         dv.zero_()
@@ -761,11 +815,13 @@ def prefix_attention_bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix
 
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (tests/triton_aot.py): every configuration ``candidates`` may pick,
-# with the heaviest feature set (bank prefix, causal, window, padding, bias, softcap, dropout,
-# all gradients).
+# with its table's feature set (bank prefix, causal, padding, all gradients, plus the class's
+# bias / softcap / dropout), and again with a window for the kernels whose sequence loop it
+# changes (a window masks every block; without one the loop is split in an unmasked interior
+# and a masked band: different code, both compiled).
 # ----------------------------------------------------------------------------------------------
 
-_ALL_FEATURES = dict(PREFIX_MODE=3, CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True,
+_ALL_FEATURES = dict(PREFIX_MODE=3, CAUSAL=True, HAS_WINDOW=False, HAS_KPM=True,
                      HAS_BIAS=True, HAS_SOFTCAP=True, HAS_DROPOUT=True, NEED_DK=True,
                      NEED_DV=True, HAS_GLSE=True)
 _LIGHT_FEATURES = dict(_ALL_FEATURES, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
@@ -787,6 +843,7 @@ _PATH_FEATURES = {"dq": dict(SEQ_KEYS=True, DQ_ACC=False), "dkdv": dict(FUSE_DQ=
                   "dkdv_dq": dict(FUSE_DQ=True), "dq_prefix": dict(SEQ_KEYS=False, DQ_ACC=True),
                   "dprefix": {}}
 FUSED_KERNELS = ("dkdv_dq", "dq_prefix")  # light and dropout-only calls (``fused_tiles``)
+WINDOW_KERNELS = ("dq", "dkdv", "dkdv_dq")  # the tables whose kernels loop over sequence keys
 
 
 # fp16 and bf16 share the 16-bit tables and their code differs only in conversions: the 16-bit
@@ -802,7 +859,7 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
                 if a in kernel.arg_names}
         # each class's table with its features (fp32: one table, compiled heavy unless the
         # kernel is light-only); a dropout config the heavy table also lists is covered by the
-        # heavy compile (more registers, same tiles)
+        # heavy compile (more registers, same tiles) unless only the dropout call peels its loop
         has_dropout = "16bit_dropout" in _BWD[configs.table_arch(arch)][name]
         if name in FUSED_KERNELS:
             classes = ("light",) + (("dropout",) if has_dropout and dtype != torch.float32 else ())
@@ -815,11 +872,13 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
             for cfg in candidates(name, arch, dtype, bd, cls):
                 if cls == "heavy":
                     heavy_cfgs.add((bd, cfg))
-                elif cls == "dropout" and (bd, cfg) in heavy_cfgs:
-                    continue
+                elif (cls == "dropout" and (bd, cfg) in heavy_cfgs
+                      and peels_masks(cls, bd, False) == peels_masks("heavy", bd, False)):
+                    continue  # the same loops: covered by the heavy compile
                 exact = dtype == torch.float32 and bd >= 128  # fp32_dots() on a GPU
                 feats = dict(_LIGHT_FEATURES, **{f: True for f in CLASS_FEATURES[cls]})
-                cx = dict(feats, **_PATH_FEATURES[name], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                cx = dict(feats, **_PATH_FEATURES[name], PEEL=peels_masks(cls, bd, False),
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           BLOCK_P=cfg.block_n, BLOCK_D=bd, D=bd, FP32_DOTS=exact,
                           **{s: 1 for s in _UNIT_STRIDES})
                 cx = {k: v for k, v in cx.items() if k in kernel.arg_names}
@@ -833,9 +892,14 @@ def _aot_variants(kernel, name: str, arch: int) -> list[dict]:
                             "div16": div16, "num_warps": cfg.num_warps,
                             "num_stages": cfg.num_stages, "tensor_cores": not exact,
                             "async_loads": cfg.num_stages > 1})
+                base = out[-1]
+                if name in WINDOW_KERNELS:
+                    out.append(dict(base, label=base["label"] + " window",
+                                    constexprs=dict(base["constexprs"], HAS_WINDOW=True,
+                                                    PEEL=peels_masks(cls, bd, True))))
                 first = cfg == candidates(name, arch, dtype, bd, cls)[0]
                 if (dt, bd) == ("bf16", 128) and first and configs.table_arch(arch) != 86:
-                    out += aot_shape_variants(out[-1])
+                    out += aot_shape_variants(base)
     return out
 
 

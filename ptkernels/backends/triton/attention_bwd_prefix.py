@@ -37,13 +37,14 @@ import triton.language as tl
 from ptkernels.backends.triton._common import (LOG2E, cast_rounded, load_tile, mma, prefix_of_row,
                                               round_to, tanh)
 from ptkernels.backends.triton.dropout import dropout_keep_t
+from ptkernels.backends.triton.masks import mask_scores
 
 
 @triton.jit
 def _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
-                    offs_m, row_ok, offs_n, col_valid, b, h, Hq, diag_off, window,
+                    offs_m, row_ok, offs_n, col_ok, key_keep, b, h, Hq, diag_off, window,
                     scale, softcap, dropout_p, seed, n0, col0,
-                    MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_WINDOW: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOTS: tl.constexpr):
@@ -54,7 +55,12 @@ the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
     k, v: (BN, BLOCK_D) key tiles; q, do: (BM, BLOCK_D) query tiles (zeros past Nq / D);
     lse2 (BM,) = lse * log2(e), +inf on rows past Nq or that see no key; delta (BM,);
     offs_m (BM,) query rows, row_ok (BM,) rows < Nq; offs_n (BN,) key index within its segment,
-    n0 + [0, BN) (n0 a multiple of 4: the dropout draws serve groups of 4 keys); col_valid (BN,) keys that exist and are not padded; col0 the segment's first column in the
+    n0 + [0, BN) (n0 a multiple of 4: the dropout draws serve groups of 4 keys); col_ok (BN,)
+    keys inside the segment; key_keep (BN,) keys the padding mask keeps (read with HAS_KPM:
+    applied to every tile); MASKED: a boundary tile (the tail, the causal diagonal band or the
+    window edge band, ``masks.py``) whose scores get the mask, off for an interior tile (the
+    prefix kernel masks every tile: its tail rows' gradients are never stored, but without the
+    mask its dropout tiles spill at D = 128); col0 the segment's first column in the
     P + Nk score row (0 for the prefix, P for the sequence); bias_base points at the segment's
     first column of head (b, h); DT the inputs' dtype (P and dS are rounded to it before their
     products, as on the GPU, also under FP32_DOTS).
@@ -68,14 +74,14 @@ the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
         s = s * (scale * LOG2E)
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bn,
-                       mask=row_ok[None, :] & col_valid[:, None], other=0.0).to(tl.float32)
+                       mask=row_ok[None, :] & col_ok[:, None], other=0.0).to(tl.float32)
         s = s + bias * LOG2E
-    visible = col_valid[:, None] & row_ok[None, :]
-    if MASK_CAUSAL:  # bottom-right: key j visible to query i iff j <= i + (Nk - Nq)
-        visible = visible & (offs_n[:, None] <= offs_m[None, :] + diag_off)
-    if MASK_WINDOW:
-        visible = visible & (offs_m[None, :] + diag_off - offs_n[:, None] < window)
-    p = tl.where(visible, tl.exp2(s - lse2[None, :]), 0.0)
+    if HAS_KPM:
+        s = tl.where(key_keep[:, None], s, float("-inf"))
+    if MASKED:  # rows past Nq need no mask (lse2 = +inf: p = 0)
+        s = mask_scores(s, offs_n, col_ok, offs_m, diag_off, window, True, MASK_CAUSAL,
+                        MASK_WINDOW, True)
+    p = tl.exp2(s - lse2[None, :])
     if HAS_DROPOUT:
         keep = dropout_keep_t(seed, b * Hq + h, offs_m, col0, n0, dropout_p, BLOCK_N)
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -175,10 +181,10 @@ def _bwd_dprefix_kernel(
                 delta = tl.zeros([BLOCK_M], tl.float32)
             dk, dv, _ = _key_tile_grads(
                 dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
-                offs_m, row_ok, offs_p, p_valid, b64, h, Hq, 0, 0,
+                offs_m, row_ok, offs_p, p_valid, p_valid, b64, h, Hq, 0, 0,
                 scale, softcap, dropout_p, seed, pid_p * BLOCK_P, 0,
-                False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV, DT,
-                BLOCK_M, BLOCK_P, FP32_DOTS)
+                True, False, False, False, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, NEED_DK, NEED_DV,
+                DT, BLOCK_M, BLOCK_P, FP32_DOTS)
     # partial (b, chunk, hk, p, d) of the contiguous (B, n_chunk, Hkv, P, D) workspace
     out_off = ((b64 * n_chunk + chunk) * Hkv + hk) * P * D + offs_p[:, None] * D + offs_d[None, :]
     if NEED_DK:
