@@ -6,7 +6,7 @@ Matrix-product FLOPs (2 per multiply-add), per (batch row, query head):
 
 * forward: 2 products (Q K^T, P V) per visible (query, key) pair: 4 D per pair;
 * full backward, fused (the default of calls without bias or softcap; with dropout only in
-  16-bit at D <= 64: ``attention_bwd.fused_tiles``): dK/dV kernel 5
+  16-bit at D <= 128: ``attention_bwd.fused_tiles``): dK/dV kernel 5
   products (S, dP, P^T dO, dS^T Q, dS K) over the sequence pairs, dQ kernel 3 (S, dP, dS K) and
   prefix kernel 4 over the prefix pairs: 2 D (5 S + 7 R) for S sequence pairs and R = Nq P prefix
   pairs; separate (bias, softcap, larger-D dropout or deterministic calls): the dQ kernel also

@@ -446,14 +446,15 @@ def test_deterministic(monkeypatch, launches):
 
 def test_backward_path_choice(monkeypatch):
     """The fused dQ needs a call whose class has fused tiles (light; dropout alone in 16-bit at
-    D <= 64) that asks for dQ and dK, has sequence keys and an accumulator with int32 in-head
+    D <= 128) that asks for dQ and dK, has sequence keys and an accumulator with int32 in-head
     offsets, and no determinism request."""
     monkeypatch.delenv("PTKERNELS_DETERMINISTIC", raising=False)
     ft = tbwd.fused_tiles
     for arch in (80, 86, 90):
         assert ft("light", arch, torch.float32, 128) and ft("light", arch, torch.bfloat16, 256)
         assert ft("dropout", arch, torch.bfloat16, 64) and ft("dropout", arch, torch.float16, 32)
-        assert not ft("dropout", arch, torch.bfloat16, 128)   # its pipelined tiles spill
+        assert ft("dropout", arch, torch.bfloat16, 128)
+        assert not ft("dropout", arch, torch.bfloat16, 256)   # no dQ tile fits
         assert not ft("dropout", arch, torch.float32, 64)     # fp32 fused tiles: light only
         assert not ft("heavy", arch, torch.bfloat16, 64)
     fused = tbwd.uses_fused_dq
@@ -480,12 +481,13 @@ def test_launches_per_output_mask(output_mask, expected, launches):
     assert launches == expected
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_dropout_only_low_precision_takes_the_fused_path(dtype, launches):
-    """A dropout-only 16-bit call at D <= 64 runs the 5-product kernels (dQ by atomics), with
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 32), (torch.float16, 32),
+                                     (torch.bfloat16, 128)], ids=str)
+def test_dropout_only_low_precision_takes_the_fused_path(dtype, d, launches):
+    """A dropout-only 16-bit call up to D = 128 runs the 5-product kernels (dQ by atomics), with
     the forward's mask regenerated, against the float64 reference."""
     case = Case(dropout_p=0.25, causal=True, padding="left", form="bank", hq=4, hkv=2, nq=19,
-                nk=23, p=5, d=32)
+                nk=23, p=5, d=d)
     check_against_reference(case, dtype, backend="triton", device=DEVICE, seed=21,
                             dropout_mask_fn=dropout_keep_mask)
     assert "dkdv_dq" in launches and "dq_prefix" in launches and "dq" not in launches
@@ -537,9 +539,9 @@ def test_table_class():
             drop = tbwd.candidates(kernel, arch, torch.bfloat16, 128, "dropout")
             heavy = tbwd.candidates(kernel, arch, torch.bfloat16, 128, "heavy")
             assert drop[0].num_stages > 1 and drop[-1] == heavy[0]
-        # fused kernels serve light calls and dropout-only ones at D <= 64, never heavy ones
-        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 64, "dropout")
-        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 128, "dropout") == []
+        # fused kernels serve light calls and dropout-only ones up to D = 128, never heavy ones
+        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 128, "dropout")
+        assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 256, "dropout") == []
         assert tbwd.candidates("dkdv_dq", arch, torch.bfloat16, 64, "heavy") == []
 
 

@@ -14,7 +14,7 @@ Kernels:
   query chunk), and the sum kernel adds them per prefix in a fixed order (deterministic).
 
 Two paths for the sequence part of dQ (``uses_fused_dq``). Fused, the default for light calls
-(no bias, softcap or dropout) and for dropout-only 16-bit calls at D <= 64 (``fused_tiles``)
+(no bias, softcap or dropout) and for dropout-only 16-bit calls at D <= 128 (``fused_tiles``)
 that need dQ and dK: the dK/dV kernel also computes each tile
 pair's dQ = dS K and adds it with float32 atomics to a (B, Hq, Nq, D) accumulator, and the dQ
 kernel then runs over the prefix keys only and adds the accumulator before its single store
@@ -412,8 +412,9 @@ _LIGHT = {
            256: [_C(32, 32, 4, 1)]},
     "dkdv": {64: [_C(32, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 4, 1)]},
-    # The fused backward (light calls, and dropout-only ones at D <= 64: ``fused_tiles``): dK/dV programs that also hold a
-    # (BLOCK_M, D) float32 dQ tile per step, and the prefix-keys dQ kernel that adds their sum.
+    # The fused backward (light calls, and dropout-only ones up to D = 128: ``fused_tiles``):
+    # dK/dV programs that also hold a (BLOCK_M, D) float32 dQ tile per step, and the prefix-keys
+    # dQ kernel that adds their sum.
     # Per step a program loads Q and dO (4 * BLOCK_M * D bytes) and adds BLOCK_M * D float32
     # atomics for 10 * BLOCK_M * BLOCK_N * D FLOPs: traffic per FLOP falls with BLOCK_N only, so
     # the widest key block that compiles spill-free comes first (d64: 32x128 w8 s2, 254
@@ -471,22 +472,29 @@ _PREFIX_80 = {**_PREFIX, "16bit_heavy": {**_PREFIX["16bit_heavy"],
 # heads without a window, the compile that most calls run; 32x128 spills 24-36 B). D = 256 as
 # heavy calls.
 # The dQ and dK/dV lists end with their heavy table's first tiles (sm_80 / sm_86 dQ at D = 64
-# with 8 warps instead of 4, which spill 4 B with the peeled loop, ``peels_masks``). The fused 5-product kernels
-# (dkdv_dq + dq_prefix) serve dropout-only calls at D <= 64, where a pipelined dK/dV tile still
-# holds the dQ tile spill-free (sm_90 32x128 w8 s3, 217 registers; sm_80 16x64 w8 s3, 254); at
-# D = 128 the pipelined ones spill 8-28 B (32x64 w8 s3, D = 80 / 96 too), so those calls keep
-# the separate pipelined dQ and dK/dV kernels (``fused_tiles``).
+# with 8 warps instead of 4, which spill 4 B with the peeled loop, ``peels_masks``). The fused
+# 5-product kernels (dkdv_dq + dq_prefix) serve dropout-only calls up to D = 128, where a
+# pipelined dK/dV tile still holds the dQ tile spill-free: D = 64 sm_90 32x128 w8 s3, sm_80
+# 16x64 w8 s3; D = 128 sm_80 / sm_86 32x64 w8 s2 (254 registers; 3 stages spill 24-40 B),
+# sm_90 16x64 w8 s3 (244; 16x128 w8 s2 spills 20 B at D = 96 with MQA heads, 32x64 4-16 B).
+# Fused, the Philox mask and the probabilities are computed once per tile pair instead of once
+# in each of the dQ and dK/dV kernels, and 5 products replace 7, for BLOCK_M x D float32 dQ
+# atomics per step. At D = 256 dropout calls keep the separate kernels (``fused_tiles``).
 _DROPOUT = {
-    "dkdv_dq": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)]},
-    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)]},
+    "dkdv_dq": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)],
+                128: [_C(32, 64, 8, 2), _C(16, 64, 8, 3), _C(16, 64, 8, 1)]},
+    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)],
+                  128: [_C(64, 32, 8, 3), _C(32, 32, 8, 2)]},
     "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)], 128: [_C(64, 32, 8, 3), _C(32, 32, 8, 2)],
            256: [_C(32, 32, 8, 1)]},
     "dkdv": {64: [_C(16, 64, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 3), _C(16, 64, 8, 1)],
              256: [_C(16, 32, 8, 1)]},
 }
 _DROPOUT_90 = {
-    "dkdv_dq": {64: [_C(32, 128, 8, 3), _C(32, 64, 8, 3), _C(16, 64, 4, 1)]},
-    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)]},
+    "dkdv_dq": {64: [_C(32, 128, 8, 3), _C(32, 64, 8, 3), _C(16, 64, 4, 1)],
+                128: [_C(16, 64, 8, 3), _C(16, 64, 8, 1)]},
+    "dq_prefix": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)],
+                  128: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)]},
     "dq": {64: [_C(128, 32, 8, 3), _C(64, 32, 4, 2)], 128: [_C(128, 32, 8, 3), _C(64, 32, 8, 2)],
            256: [_C(32, 32, 8, 1)]},
     "dkdv": {64: [_C(32, 128, 8, 3), _C(16, 64, 4, 1)], 128: [_C(32, 64, 8, 2), _C(16, 64, 8, 1)],
@@ -669,7 +677,7 @@ def deterministic_requested() -> bool:
 def fused_tiles(features: str, arch: int, dtype: torch.dtype, block_d: int) -> bool:
     """Whether the fused dK/dV + dQ kernel has spill-free configurations for a call of table
     class ``features``: every light call; dropout-only calls in 16-bit at the head dims their
-    table covers (D <= 64); never bias or softcap (no registers left for a dQ tile)."""
+    table covers (D <= 128); never bias or softcap (no registers left for a dQ tile)."""
     if features == "light":
         return True
     if features != "dropout" or dtype == torch.float32:
