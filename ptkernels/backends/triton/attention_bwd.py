@@ -32,6 +32,14 @@ the fused backward costs 2 * D * (5 * S + 7 * R) FLOPs (dK/dV + dQ: 5 over S; dQ
 dprefix: 4 over R), the separate one 2 * D * 7 * (S + R), the prompt-only one 2 * D * 4 * R:
 e.g. 4.6% of the fused cost for Nq = Nk = 2048 causal, P = 64.
 
+Masks (``masks.py``): the dQ and dK/dV kernels skip the key or query blocks that causal /
+window masking leaves empty. Light and dropout-only calls at head dims <= 64 without a window
+also split the remaining loop in two (``peels_masks``): the interior tiles, visible from every
+row, run without the (rows x keys) compares and selects, and only the causal diagonal band and
+the tails are masked. Elsewhere every tile is masked: the second loop costs 40-60 registers,
+which the D = 128 and heavy tiles do not have (the AOT compile). Exponentials are base 2 with
+log2(e) folded into the scale.
+
 Grids fold (batch, head) into axis 0 (no 65,535 limit on B * Hq). Configurations: one table per
 kernel, arch (sm_80 / sm_90), dtype class and head-dim bucket (``candidates``); the first that
 the GPU can hold runs (``_run``: deterministic, no timing); a fixed small one under the
