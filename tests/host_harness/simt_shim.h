@@ -35,8 +35,8 @@ namespace ptk_shim {
 // __syncthreads), so a hazard is found whatever order the host threads happen to run in:
 //   - a read of a chunk whose cp.async has not been waited for (missing cp.async.wait_group);
 //   - a read in the same epoch as the chunk's copy landed (missing __syncthreads after the wait);
-//   - a write into a chunk another warp read in the same epoch (missing barrier before a stage's
-//     buffer is reused).
+//   - a write into a chunk another warp read in the same epoch, or a read of a chunk another
+//     warp copied into in the same epoch (missing barrier before a stage's buffer is reused).
 struct ChunkState {
   int pending = 0;                      // copies issued, not yet landed
   uint64_t issue_epoch = ~uint64_t{0};  // epoch and warp of the last issue

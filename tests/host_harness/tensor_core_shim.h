@@ -54,7 +54,10 @@ inline void track_read(const void* p, const char* what) {
     auto& c = chunk(p);
     const uint64_t now = epoch();
     const int warp = static_cast<int>(warp_of_thread());
-    if (c.pending > 0 && c.issue_epoch == now && c.issuer_warp != warp)
+    // Another warp's copy into this chunk in this epoch, landed or not: the reader was meant to
+    // see the old contents (a stage reused without the barrier). Checked before the landing
+    // epoch, so the report names the same missing barrier whichever thread ran ahead.
+    if (c.issue_epoch == now && c.issuer_warp != warp)
       err = std::string(what) + " read shared data another warp overwrote since the last __syncthreads (missing barrier "
                                 "before reusing a stage's buffer)";
     else if (c.pending > 0)
