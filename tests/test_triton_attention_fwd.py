@@ -166,16 +166,26 @@ def test_decode_launches_one_program_per_kv_head(monkeypatch):
 
 def test_decode_row_block():
     """Decode runs the smallest row block that holds the G * Nq packed rows (each K/V tile is
-    then read once per KV head), else the largest; every table offers 16 rows (single-token GQA
-    up to G = 16) and a larger block (not float32 at D = 256, where 32 rows spill)."""
+    then read once per KV head), else the largest, with the smaller blocks as fallbacks; every
+    table offers 16 rows (single-token GQA up to G = 16) and a larger block (not float32 at
+    D = 256, where 32 rows spill); calls without bias, softcap or dropout at D <= 128 get 128
+    rows (GQA-8 with Nq up to 16) except on sm_86 at D = 128 (112 KB > 99 KB)."""
     from ptkernels.backends.triton import configs
 
     C = configs.Config
-    cands = [C(16, 64, 4, 3), C(16, 128, 4, 3), C(64, 64, 4, 3)]
+    cands = [C(16, 64, 4, 3), C(16, 128, 4, 3), C(64, 64, 4, 3), C(128, 32, 8, 2)]
     assert configs.decode_candidates(cands, 8) == cands[:2]
     assert configs.decode_candidates(cands, 16) == cands[:2]
-    assert configs.decode_candidates(cands, 17) == cands[2:]
-    assert configs.decode_candidates(cands, 200) == cands[2:]
+    assert configs.decode_candidates(cands, 17) == [cands[2]] + cands[:2]
+    assert configs.decode_candidates(cands, 65) == [cands[3], cands[2]] + cands[:2]
+    assert configs.decode_candidates(cands, 200) == [cands[3], cands[2]] + cands[:2]
+    for arch, bd, rows in ((80, 64, 128), (80, 128, 128), (86, 64, 128), (86, 128, 64),
+                           (90, 64, 128), (90, 128, 128)):
+        light = configs.candidates("decode", arch, torch.bfloat16, bd, "light")
+        assert max(c.block_m for c in light) == rows, (arch, bd)
+        for cls in ("bias", "softcap", "dropout", "heavy"):
+            heavy = configs.candidates("decode", arch, torch.bfloat16, bd, cls)
+            assert max(c.block_m for c in heavy) == 64, (arch, bd, cls)
     for arch in configs.ARCHS:
         for dtype in configs.DTYPES:
             for bd in configs.HEAD_DIM_BUCKETS:
@@ -186,14 +196,17 @@ def test_decode_row_block():
                     assert min(blocks) == 16 and (max(blocks) > 16) == wide, (arch, dtype, bd)
 
 
-@pytest.mark.parametrize("block_m", [32, 64])
+@pytest.mark.parametrize("block_m", [32, 64, 128])
 def test_decode_wide_row_blocks(block_m, monkeypatch):
-    """The 32- and 64-row blocks the GPU picks for G * Nq > 16 (here 24 and 18 packed rows: one
-    block holds every head of the group, with a tail) against the float64 reference."""
+    """The 32-, 64- and 128-row blocks the GPU picks for G * Nq > 16 (24 and 18 packed rows: one
+    block holds every head of the group, with a tail; 96 rows) against the float64 reference."""
     from ptkernels.backends.triton import configs
 
     monkeypatch.setitem(configs.INTERPRET, "decode", configs.Config(block_m, 32, 4, 1))
-    for case in PACKED_CASES[1:3]:
+    # and GQA-8 with 12 query rows (speculative decoding): 96 packed rows, one 128-row block or
+    # two 64-row ones per KV head
+    wide = Case(b=1, hq=16, hkv=2, nq=12, nk=70, p=7, causal=True, padding="left")
+    for case in PACKED_CASES[1:3] + [wide]:
         check_forward_against_reference(case, torch.float32, forward_decode, seed=12,
                                         dropout_mask_fn=dropout_keep_mask)
 

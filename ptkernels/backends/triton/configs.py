@@ -108,29 +108,37 @@ _FWD = {
 # is read once per block of BLOCK_M packed rows, so a call with more than 16 of them (GQA-8 with
 # Nq = 4: 32 rows) runs the smallest BLOCK_M that holds them all (``decode_candidates``): 16 for
 # single-token GQA up to G = 16, else 64 rows (32 at D = 256 and in fp32, whose per-row state
-# spills at 64). The larger blocks need 8 warps: with 4, 64x64 spills on sm_80 (16-972 B). Tiles
-# are small enough that one table serves calls with and without the heavy features; float32 at
-# D = 256 has only 16-row blocks (32x16 spills 3.7-12 KB). 16x128 w4 s2 at D = 128 compiles
-# clean with every feature (200 registers) but spills 4-12 B without them (128 registers).
+# spills at 64), and 128 for calls without bias, softcap or dropout (GQA-8 with Nq = 9 to 16:
+# speculative decoding), which a 64-row block would make read K and V twice. The larger blocks
+# need 8 warps: with 4, 64x64 spills on sm_80 (16-972 B). 128 rows: 128x64 w8 s2 at D = 64
+# (sm_80 177 registers, 64 KB), 128x32 w8 s2 at D = 128 (196, 112 KB: one block per SM, as
+# the 64-row block already is on sm_80; sm_86's 99 KB do not hold it); with every feature
+# 128x64 spills 8 B on sm_80, so heavier calls stop at 64 rows. float32 at D = 256 has only
+# 16-row blocks (32x16 spills 3.7-12 KB). 16x128 w4 s2 at D = 128 compiles clean with every
+# feature (200 registers) but spills 4-12 B without them (128 registers).
+_DECODE_HEAVY = {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3), _C(64, 64, 8, 2)],
+                 128: [_C(16, 64, 4, 3), _C(16, 64, 4, 2), _C(64, 32, 8, 2)],
+                 256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]}
 _DECODE_ANY = {
-    "16bit": {64: [_C(16, 64, 4, 3), _C(16, 128, 4, 3), _C(64, 64, 8, 2)],
-              128: [_C(16, 64, 4, 3), _C(16, 64, 4, 2), _C(64, 32, 8, 2)],
-              256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]},
+    "16bit": {64: _DECODE_HEAVY[64] + [_C(128, 64, 8, 2)],
+              128: _DECODE_HEAVY[128] + [_C(128, 32, 8, 2)], 256: _DECODE_HEAVY[256]},
     "fp32": {64: [_C(16, 64, 4, 2), _C(32, 32, 8, 2)], 128: [_C(16, 32, 8, 2), _C(32, 16, 8, 2)],
              256: [_C(16, 16, 8, 2)]},
 }
 # sm_86: the decode kernel's two pipelined loops (prefix and sequence chunks) double its buffers;
 # 99 KB allows 16x64 s3 at D = 64 and s2 at D = 128.
-_DECODE_86 = {**_DECODE_ANY, "16bit": {64: [_C(16, 64, 4, 3), _C(64, 64, 8, 2)],
-                                       128: [_C(16, 64, 4, 2), _C(64, 32, 8, 2)],
-                                       256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]}}
-# Calls with bias, softcap or dropout: the same tiles, less sm_90's 16x128 w4 s3 at D = 64,
-# which spills 8 B with every feature (the dropout mask's layout change, dropout.py).
-_DECODE_90_HEAVY = {**_DECODE_ANY["16bit"], 64: [_C(16, 64, 4, 3), _C(64, 64, 8, 2)]}
+_DECODE_86_HEAVY = {64: [_C(16, 64, 4, 3), _C(64, 64, 8, 2)],
+                    128: [_C(16, 64, 4, 2), _C(64, 32, 8, 2)],
+                    256: [_C(16, 32, 4, 2), _C(32, 32, 8, 2)]}
+_DECODE_86 = {**_DECODE_ANY, "16bit": {**_DECODE_86_HEAVY,
+                                       64: _DECODE_86_HEAVY[64] + [_C(128, 64, 8, 2)]}}
+# Calls with bias, softcap or dropout: the same tiles up to 64 rows, less sm_90's 16x128 w4 s3
+# at D = 64, which spills 8 B with every feature (the dropout mask's layout change, dropout.py).
+_DECODE_90_HEAVY = {**_DECODE_HEAVY, 64: [_C(16, 64, 4, 3), _C(64, 64, 8, 2)]}
 _DECODE = {arch: dict(table, **{f"16bit_{c}": heavy for c in ("softcap", "bias", "dropout",
                                                               "heavy")})
-           for arch, table, heavy in ((80, _DECODE_ANY, _DECODE_ANY["16bit"]),
-                                      (86, _DECODE_86, _DECODE_86["16bit"]),
+           for arch, table, heavy in ((80, _DECODE_ANY, _DECODE_HEAVY),
+                                      (86, _DECODE_86, _DECODE_86_HEAVY),
                                       (90, _DECODE_ANY, _DECODE_90_HEAVY))}
 TABLES = {"fwd": _FWD, "decode": _DECODE}
 ARCHS = (80, 86, 90)
@@ -191,10 +199,13 @@ def _bucket(block_d: int) -> int:
 def decode_candidates(cands: list[Config], packed_rows: int) -> list[Config]:
     """The decode candidates of the row block for ``packed_rows`` (G * Nq) packed query rows:
     those with the smallest BLOCK_M that holds them all, else with the largest BLOCK_M (order
-    kept: the first that fits runs)."""
+    kept: the first that fits runs), then those of the smaller blocks, largest first: fallbacks
+    for a GPU that cannot hold the wide block (the rows then take several blocks, each reading
+    K and V)."""
     blocks = sorted({c.block_m for c in cands})
     block = next((m for m in blocks if m >= packed_rows), blocks[-1])
-    return [c for c in cands if c.block_m == block]
+    smaller = [c for m in reversed(blocks) if m < block for c in cands if c.block_m == m]
+    return [c for c in cands if c.block_m == block] + smaller
 
 
 def candidates(kernel: str, arch: int, dtype: torch.dtype, block_d: int,

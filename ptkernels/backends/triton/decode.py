@@ -15,7 +15,8 @@ r in [0, G * Nq) is query head h = kvh * G + r // Nq, query row m = r % Nq. Each
 loaded once per KV head (per block of BLOCK_M packed rows) instead of once per query head; every
 row keeps its own causal / window offset, bias row, dropout stream and workspace slot. MHA (G = 1)
 is the degenerate case r = m. BLOCK_M is the smallest row block of the table that holds all G * Nq
-packed rows (``configs.decode_candidates``: 16, else 64 or 32), so K/V are read once per KV head.
+packed rows (``configs.decode_candidates``: 16, else 64 or 32, or 128 without bias, softcap and
+dropout), so K/V are read once per KV head.
 
 Semantics are those of ``attention_fwd`` (same score pipeline, same dropout mask since the mask is
 a function of (b, h, m, column) only), so the normal backward applies to a decode-path forward.
