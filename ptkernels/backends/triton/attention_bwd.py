@@ -62,7 +62,8 @@ from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_
                                               table_arch_of, tanh)
 from ptkernels.backends.triton.configs import Config
 from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_tile_grads,
-                                                            _sum_partials_kernel, prefix_block)
+                                                            _query_tiles, _sum_partials_kernel,
+                                                            prefix_block)
 from ptkernels.backends.triton.dropout import dropout_keep, seed_from_tensor
 from ptkernels.backends.triton.masks import (interior_bounds, interior_query_start, mask_scores,
                                             query_bounds, sequence_bounds)
@@ -187,14 +188,9 @@ def _bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Nq
-    md = row_ok[:, None] & (offs_d[None, :] < D)
-    q = load_tile(q_ptr + b64 * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-              md, FP32_DOTS)
-    do = load_tile(do_ptr + b64 * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod,
-               md, FP32_DOTS)
-    lse = tl.load(lse_ptr + (b64 * Hq + h) * Nq + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: p = 0
-    lse2 = lse * LOG2E
+    q, do, md, lse2 = _query_tiles(q_ptr + b64 * s_qb + h * s_qh, do_ptr + b64 * s_dob + h * s_doh,
+                                   lse_ptr + (b64 * Hq + h) * Nq, s_qm, s_qd, s_dom, s_dod,
+                                   offs_m, row_ok, offs_d, D, FP32_DOTS)
     delta = tl.load(delta_ptr + (b64 * Hq + h) * Nq + offs_m, mask=row_ok, other=0.0)
     bias_base = bias_ptr + b64 * s_bb + h * s_bh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -272,13 +268,8 @@ def _key_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Nq
-        md = row_ok[:, None] & (offs_d[None, :] < D)
-        q = load_tile(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
-        do = load_tile(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md,
-                       FP32_DOTS)
-        # Rows past Nq or that see no key (lse == -inf) get lse = +inf: probability exactly 0.
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+        q, do, md, lse2 = _query_tiles(q_base, do_base, lse_base, s_qm, s_qd, s_dom, s_dod,
+                                       offs_m, row_ok, offs_d, D, FP32_DOTS)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dk, dv, ds = _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                                      offs_m, row_ok, offs_n, col_ok, key_keep, b, h, Hq,

@@ -41,6 +41,20 @@ from ptkernels.backends.triton.masks import mask_scores
 
 
 @triton.jit
+def _query_tiles(q_base, do_base, lse_base, s_qm, s_qd, s_dom, s_dod, offs_m, row_ok, offs_d,
+                 D: tl.constexpr, FP32_DOTS: tl.constexpr):
+    """The Q and dO tiles (BM, BLOCK_D) of query rows offs_m (zeros where not row_ok or past D),
+    their column mask md and lse2 = lse * log2(e): +inf on rows not row_ok or that see no key
+    (lse == -inf), whose probabilities are then exactly 0."""
+    md = row_ok[:, None] & (offs_d[None, :] < D)
+    q = load_tile(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
+    do = load_tile(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md, FP32_DOTS)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    return q, do, md, lse2
+
+
+@triton.jit
 def _key_tile_grads(dk, dv, k, v, q, do, lse2, delta, bias_base, s_bm, s_bn,
                     offs_m, row_ok, offs_n, col_ok, key_keep, b, h, Hq, diag_off, window,
                     scale, softcap, dropout_p, seed, n0, col0,
@@ -162,14 +176,9 @@ def _bwd_dprefix_kernel(
         bias_base = bias_ptr + b64 * s_bb + h * s_bh
         for m0 in range(m_lo, m_hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < m_hi
-            md = row_ok[:, None] & (offs_d[None, :] < D)
-            q = load_tile(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, md, FP32_DOTS)
-            do = load_tile(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, md,
-                           FP32_DOTS)
-            # Rows past the chunk or that see no key (lse == -inf) get lse = +inf: p exactly 0.
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+            row_ok = offs_m < m_hi  # rows past the chunk: lse2 = +inf, p exactly 0
+            q, do, md, lse2 = _query_tiles(q_base, do_base, lse_base, s_qm, s_qd, s_dom, s_dod,
+                                           offs_m, row_ok, offs_d, D, FP32_DOTS)
             if NEED_DK:  # delta = rowsum(dO * O) - grad_lse, here instead of a separate pass
                 o = tl.load(o_base + offs_m[:, None] * s_om + offs_d[None, :] * s_od, mask=md,
                             other=0.0).to(tl.float32)
