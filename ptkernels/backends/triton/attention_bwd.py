@@ -56,10 +56,9 @@ import triton.language as tl
 from ptkernels.backends.triton import configs
 from ptkernels.backends.triton._common import (INTERPRET, LOG2E, SIG_DTYPE, aot_shape_variants,
                                               aot_signature, alloc, block_d, cast_rounded,
-                                              fp32_dots_mode,
-                                              launch_first_fitting, load_tile, mma, prefix_mode,
-                                              prefix_of_row, round_to, strides,
-                                              table_arch_of, tanh)
+                                              fp32_dots_mode, launch_first_fitting, load_tile,
+                                              log2_scores, mma, prefix_mode, prefix_of_row,
+                                              round_to, score_grad, strides, table_arch_of)
 from ptkernels.backends.triton.configs import Config
 from ptkernels.backends.triton.attention_bwd_prefix import (_bwd_dprefix_kernel, _key_tile_grads,
                                                             _query_tiles, _sum_partials_kernel,
@@ -124,12 +123,7 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
         k = load_tile(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, nd, FP32_DOTS)
         v = load_tile(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, nd, FP32_DOTS)
         s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FP32_DOTS)
-        # base 2 (log2(e) folded into the scale, lse2 = lse * log2(e)): one exp2 per score
-        if HAS_SOFTCAP:
-            t = tanh(s * (scale / softcap))
-            s = (softcap * LOG2E) * t
-        else:
-            s = s * (scale * LOG2E)
+        s, t = log2_scores(s, scale, softcap, HAS_SOFTCAP)  # base 2, as lse2
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
                            mask=row_ok[:, None] & in_seg[None, :], other=0.0).to(tl.float32)
@@ -145,10 +139,7 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base,
         if HAS_DROPOUT:
             keep = dropout_keep(seed, b * Hq + h, offs_m, col0, n0, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        ds = ds * scale
+        ds = score_grad(p * (dp - delta[:, None]), t, scale, HAS_SOFTCAP)
         dq = mma(round_to(ds, DT, FP32_DOTS), k, dq, FP32_DOTS)
     return dq
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ptkernels.backends.triton._common import (LOG2E, cast_rounded, load_tile, mma, prefix_of_row,
-                                              round_to, tanh)
+from ptkernels.backends.triton._common import (LOG2E, cast_rounded, load_tile, log2_scores, mma,
+                                              prefix_of_row, round_to, score_grad)
 from ptkernels.backends.triton.dropout import dropout_keep_t
 from ptkernels.backends.triton.masks import mask_scores
 
@@ -81,11 +81,7 @@ the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
     """
     s = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), FP32_DOTS)
     # base 2 (log2(e) folded into the scale, lse2 = lse * log2(e)): one exp2 per score
-    if HAS_SOFTCAP:
-        t = tanh(s * (scale / softcap))
-        s = (softcap * LOG2E) * t
-    else:
-        s = s * (scale * LOG2E)
+    s, t = log2_scores(s, scale, softcap, HAS_SOFTCAP)  # base 2, as lse2
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bn,
                        mask=row_ok[None, :] & col_ok[:, None], other=0.0).to(tl.float32)
@@ -109,10 +105,7 @@ the fused backward (``attention_bwd.py``) adds this tile's dQ = dS K.
         dp = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), FP32_DOTS)
         if HAS_DROPOUT:
             dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[None, :])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        ds = ds * scale
+        ds = score_grad(p * (dp - delta[None, :]), t, scale, HAS_SOFTCAP)
         dk = mma(round_to(ds, DT, FP32_DOTS), q, dk, FP32_DOTS)
     return dk, dv, ds
 
